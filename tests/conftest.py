@@ -1,0 +1,40 @@
+"""Shared test fixtures: real-data location and the CI rule for it.
+
+Real Flickr8k data is read from ``$AAHR_FLICKR8K`` or ``<repo>/../shared/data/flickr8k``. Where it is
+absent, tests that need it are skipped with a clear reason, except under ``CI=true`` where its absence
+is a failure (CI must exercise the real-data path).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def flickr8k_path() -> Path:
+    env = os.environ.get("AAHR_FLICKR8K")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+@pytest.fixture(scope="session")
+def flickr8k_dir() -> Path:
+    path = flickr8k_path()
+    if not (path / "captions.txt").is_file():
+        msg = f"Flickr8k not found at {path} (set AAHR_FLICKR8K to its folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; under CI=true the real-data tests must run")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    """Every test starts from the same seed and one intra-op thread (the suite runs on 2 cores)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
