@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,14 @@ import numpy as np
 from aahr_fast.data.dataset import ImageTextSplit, is_blank_caption
 from aahr_fast.utils.errors import DataError
 
-__all__ = ["read_flickr8k", "FLICKR8K_SPLITS"]
+__all__ = [
+    "read_flickr8k",
+    "read_precomp",
+    "PrecompIndex",
+    "precomp_index",
+    "FLICKR8K_SPLITS",
+    "DEV_TRUNCATE_CAPTIONS",
+]
 
 #: split name -> official Flickr8k split list file.
 FLICKR8K_SPLITS = {
@@ -129,3 +137,175 @@ def read_flickr8k(root: str | os.PathLike, split: str) -> ImageTextSplit:
         groups=groups,
         image_paths=[img_dir / n for n in names],
     )
+
+
+# ----------------------------------------------------------------------------- SCAN precomp
+#: SCAN/GPO/HREM/CHAN cut the ``dev`` split to its first 5,000 captions (= 1,000 images), keyed on the
+#: split name. See /work/shared/docs/data-and-eval.md section 1.2.
+DEV_TRUNCATE_CAPTIONS = 5000
+
+
+@dataclass
+class PrecompIndex:
+    """How the rows of a precomp folder's files map to images and captions of one split.
+
+    Attributes:
+        split: the ``ImageTextSplit`` (``image_paths`` None; ``image_ids`` from ``{split}_ids.txt``).
+        image_row: int64 ``(N,)``; row of ``{split}_ims.npy`` holding image ``i``.
+        caption_row: int64 ``(M,)``; line of ``{split}_caps.txt`` (= row of the per-caption ``.npy``
+            files) holding caption ``c`` (``arange(M)`` unless truncated).
+        n_rows: rows of ``{split}_ims.npy``.
+        n_lines: lines of ``{split}_caps.txt`` before truncation.
+        layout: ``"per_caption"`` (one ims row per caption, SCAN dev/test F30K, ``im_div = 1``),
+            ``"per_image_ids"`` (one row per unique id, ids file has one line per caption),
+            ``"per_image_div"`` (one row per image, ids file has one line per row, ``im_div = M / rows``).
+        im_div: captions per ims row for ``per_image_div``; 1 otherwise.
+        truncated: True when the dev truncation was applied.
+    """
+
+    split: ImageTextSplit
+    image_row: np.ndarray
+    caption_row: np.ndarray
+    n_rows: int
+    n_lines: int
+    layout: str
+    im_div: int
+    truncated: bool
+
+
+def _npy_rows(path: Path) -> tuple[int, ...]:
+    """Shape of a ``.npy`` file without reading its data (memory-mapped header only)."""
+    _require_file(path, "reader")
+    try:
+        return tuple(np.load(path, mmap_mode="r").shape)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+
+
+def precomp_index(
+    folder: str | os.PathLike, split: str, dev_truncate: bool = True, n_rows: int | None = None
+) -> PrecompIndex:
+    """Map the rows of ``{folder}/{split}_{ims.npy,caps.txt,ids.txt}`` to unique images and captions.
+
+    Row conventions (data-and-eval.md 1.1), with ``M`` caption lines, ``R`` ims rows and ``K`` id lines:
+
+    1. ``R == M``: one ims row per caption (SCAN's ``im_div = 1``; e.g. F30K dev, 5,070 rows). Images
+       are the distinct ids in first-appearance order; image ``i`` uses the first row of its id.
+       ``K`` must be ``M``.
+    2. ``R != M`` and ``K == M``: one row per image, rows in first-appearance order of the per-caption
+       ids (SCAN dev/test, and our prepared folders where an image may have any number of captions).
+       The number of distinct ids must equal ``R``.
+    3. ``R != M`` and ``K == R``: one row per image and one id per row (SCAN train). This is SCAN's
+       ``im_div`` rule: ``im_div = M // R`` (5 in SCAN) and caption ``c`` belongs to row ``c // im_div``;
+       ``M`` must be a multiple of ``R``.
+
+    Dev truncation (a convention of every SCAN-family loader, switchable here): when ``split == "dev"``
+    and ``dev_truncate`` is true, only the first 5,000 caption lines are kept, with the images they
+    refer to (the first 1,000 images when captions come in contiguous blocks of 5). Other splits are
+    never truncated.
+
+    Args:
+        folder: the precomp folder. split: split name (file prefix). n_rows: ims row count when the
+            caller already opened ``{split}_ims.npy`` (otherwise read from the file header).
+    Raises:
+        DataError: a missing file, an empty or blank caption line (file:line), a count mismatch between
+            the three files, or ids inconsistent with the row layout.
+    """
+    folder = Path(folder)
+    caps_file, ids_file, ims_file = (folder / f"{split}_{x}" for x in ("caps.txt", "ids.txt", "ims.npy"))
+    for f in (caps_file, ids_file, ims_file):
+        if not f.is_file():
+            raise DataError(
+                f"precomp folder {folder}: expected file {f.name} for split {split!r} does not exist"
+            )
+    if n_rows is None:
+        shape = _npy_rows(ims_file)
+        if len(shape) != 3:
+            raise DataError(f"{ims_file}: expected a 3-D (rows, regions, dim) array, got shape {shape}")
+        n_rows = shape[0]
+    captions = [c.strip() for c in _read_lines(caps_file)]
+    ids = [x.strip() for x in _read_lines(ids_file)]
+    m, k, r = len(captions), len(ids), int(n_rows)
+    for c, text in enumerate(captions):
+        if is_blank_caption(text):
+            raise DataError(f"{caps_file}:{c + 1}: caption is empty or only whitespace/punctuation: {text!r}")
+    for j, x in enumerate(ids):
+        if not x:
+            raise DataError(f"{ids_file}:{j + 1}: empty image id")
+    if m == 0 or r == 0:
+        raise DataError(f"precomp folder {folder}: split {split!r} is empty ({r} ims rows, {m} captions)")
+
+    if r == m:
+        if k != m:
+            raise DataError(
+                f"{ids_file}: {k} lines, expected {m} (one per caption, as {ims_file.name} has one row per "
+                f"caption and {caps_file.name} has {m} lines)"
+            )
+        layout, im_div = "per_caption", 1
+        first: dict[str, int] = {}
+        cap_img = np.empty(m, dtype=np.int64)
+        for c, x in enumerate(ids):
+            cap_img[c] = first.setdefault(x, len(first))
+        image_ids = list(first)
+        # first caption row of each image (cap_img is non-decreasing in first-appearance order)
+        image_row = np.unique(cap_img, return_index=True)[1].astype(np.int64)
+    elif k == m:
+        layout, im_div = "per_image_ids", 1
+        first = {}
+        cap_img = np.empty(m, dtype=np.int64)
+        for c, x in enumerate(ids):
+            cap_img[c] = first.setdefault(x, len(first))
+        image_ids = list(first)
+        if len(image_ids) != r:
+            raise DataError(
+                f"{ids_file}: {len(image_ids)} distinct image ids over {m} caption lines, but "
+                f"{ims_file.name} has {r} rows (expected one row per distinct id, or one per caption)"
+            )
+        image_row = np.arange(r, dtype=np.int64)
+    elif k == r:
+        if m % r:
+            raise DataError(
+                f"precomp folder {folder}: {caps_file.name} has {m} lines, not a multiple of the {r} rows "
+                f"of {ims_file.name} (im_div rule needs captions = im_div x rows)"
+            )
+        layout, im_div = "per_image_div", m // r
+        cap_img = np.arange(m, dtype=np.int64) // im_div
+        image_ids = ids
+        image_row = np.arange(r, dtype=np.int64)
+    else:
+        raise DataError(
+            f"precomp folder {folder}: count mismatch for split {split!r}: {caps_file.name} {m} lines, "
+            f"{ids_file.name} {k} lines, {ims_file.name} {r} rows (expected ids lines = captions or = rows)"
+        )
+
+    caption_row = np.arange(m, dtype=np.int64)
+    truncated = False
+    if dev_truncate and split == "dev" and m > DEV_TRUNCATE_CAPTIONS:
+        truncated = True
+        caption_row = caption_row[:DEV_TRUNCATE_CAPTIONS]
+        kept_img, cap_img = np.unique(cap_img[:DEV_TRUNCATE_CAPTIONS], return_inverse=True)
+        image_ids = [image_ids[i] for i in kept_img]
+        image_row = image_row[kept_img]
+        captions = captions[:DEV_TRUNCATE_CAPTIONS]
+    split_obj = ImageTextSplit(
+        name=split,
+        source=str(folder),
+        image_ids=image_ids,
+        image_paths=None,
+        captions=captions,
+        caption_image=cap_img.astype(np.int64),
+    )
+    return PrecompIndex(split_obj, image_row, caption_row, r, m, layout, im_div, truncated)
+
+
+def read_precomp(folder: str | os.PathLike, split: str, dev_truncate: bool = True) -> ImageTextSplit:
+    """Read the text side of a SCAN precomp split (``{split}_ims.npy`` is only opened memory-mapped).
+
+    See :func:`precomp_index` for the three row conventions (the ``im_div`` rule) and the switchable
+    dev truncation to the first 5,000 captions / 1,000 images. ``image_ids`` are the ids from
+    ``{split}_ids.txt`` (COCO image id, F30K Karpathy index), ``image_paths`` is None.
+
+    Raises:
+        DataError: see :func:`precomp_index`.
+    """
+    return precomp_index(folder, split, dev_truncate).split
