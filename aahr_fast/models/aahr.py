@@ -1,0 +1,266 @@
+"""The AAHR model (Chen et al., KBS 2025): encoders, prototypes, instance graph, momentum queues, losses.
+
+Training objective (``aahr-method.md`` section 3, "Total (code)"):
+``L = L_base(f_v, f_t) + [it >= graph_start] w_g L_gnn + [it >= proto_start] w_p L_proto
++ [it >= moco_start and both queues filled once] w_m L_moco`` with
+- ``L_base = Trip(f_v, f_t)`` on the fused embeddings (distance-weighted triplet by default);
+- ``L_proto``: swapped prediction over the clustering prototypes on the fused embeddings;
+- ``L_gnn = Trip(v^, t~) + Trip(v~, t^) + Trip(v~, t~)``: local-branch ``v^ = l2(v)`` vs graph-enhanced ``~``;
+- ``L_moco``: InfoNCE of the local-branch queries ``l2(v), l2(t)`` against the momentum encoders' fused
+  keys ``l2(f^k_t), l2(f^k_v)`` and the opposite-modality queue (same-image keys masked by default).
+
+Public API used by the trainer (``aahr_fast/train.py``): :func:`build_model`,
+:meth:`AAHR.training_step`, :meth:`AAHR.encode_images`, :meth:`AAHR.encode_texts`,
+:meth:`AAHR.param_groups`, :meth:`AAHR.on_after_optimizer_step`, :meth:`AAHR.resolve_schedule`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aahr_fast.models.config import ModelConfig, resolve_start
+from aahr_fast.models.encoders import ImageEncoder, TextEncoder
+from aahr_fast.models.graph import InstanceGraph
+from aahr_fast.models.losses import matching_loss, queue_infonce
+from aahr_fast.models.momentum import FeatureQueue, ema_update, make_momentum_copy
+from aahr_fast.models.prototypes import Prototypes
+from aahr_fast.utils.errors import ConfigError, DataError
+
+__all__ = ["AAHR", "build_model", "REQUIRED_DIMS", "check_dims", "ScheduleMixin", "split_param_groups"]
+
+REQUIRED_DIMS = ("region_dim", "img_global_dim", "token_dim", "txt_global_dim")
+
+
+def check_dims(dims: dict) -> dict:
+    """Validate the feature dims read from a feature folder's ``meta.json``; returns ``{name: int}``.
+    Raises ConfigError naming the missing / non-positive entry."""
+    if not isinstance(dims, dict):
+        raise ConfigError(f"dims must be a dict with keys {REQUIRED_DIMS}, got {type(dims).__name__}")
+    missing = [k for k in REQUIRED_DIMS if k not in dims]
+    if missing:
+        raise ConfigError(f"dims is missing {missing} (expected keys {REQUIRED_DIMS}); got {sorted(dims)}")
+    out = {}
+    for k in REQUIRED_DIMS:
+        try:
+            out[k] = int(dims[k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"dims[{k!r}]={dims[k]!r}: expected a positive int") from None
+        if out[k] < 1:
+            raise ConfigError(f"dims[{k!r}]={dims[k]!r}: expected a positive int")
+    return out
+
+
+def split_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Optimiser parameter groups: ``{"name": "main", lr}`` and ``{"name": "backbone", lr * mult}`` (the
+    fine-tuned text backbone, any parameter under a ``backbone`` submodule). Frozen parameters (the
+    momentum key encoders) are left out; empty groups are dropped."""
+    main, backbone = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if (".backbone." in f".{name}") else main).append(p)
+    groups = [{"name": "main", "params": main, "lr": lr}]
+    if backbone:
+        groups.append({"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult})
+    return [g for g in groups if g["params"]]
+
+
+class ScheduleMixin:
+    """Warm-up starts given in iterations, epochs or fractions (see :mod:`aahr_fast.models.config`)."""
+
+    _SCHEDULE_KEYS: tuple = ()
+
+    def resolve_schedule(self, steps_per_epoch: Optional[int], total_steps: Optional[int]) -> dict:
+        """Convert the configured warm-up starts to iteration numbers; call once before training.
+
+        Args: steps_per_epoch, total_steps: optimiser steps per epoch / in the whole run.
+        Returns: ``{"proto_start": int, ...}``. Raises ConfigError when a needed count is missing.
+        """
+        self._starts = {k: resolve_start(getattr(self.cfg, k), steps_per_epoch, total_steps, k)
+                        for k in self._SCHEDULE_KEYS}
+        return dict(self._starts)
+
+    def start_of(self, key: str) -> int:
+        """Resolved iteration at which ``key`` (e.g. ``"graph_start"``) begins. Integer specs work without
+        :meth:`resolve_schedule`; epoch / fraction specs raise ConfigError until it has been called."""
+        starts = getattr(self, "_starts", None)
+        if starts is not None and key in starts:
+            return starts[key]
+        return resolve_start(getattr(self.cfg, key), None, None, key)
+
+
+def _check_ids(batch: dict, bsz: int) -> torch.Tensor:
+    if "img_index" not in batch:
+        raise DataError(f"batch has no 'img_index' (image index of each pair, for same-image masking); keys: {sorted(batch)}")
+    ids = batch["img_index"]
+    if ids.shape != (bsz,):
+        raise DataError(f"batch['img_index']: expected shape ({bsz},), got {tuple(ids.shape)}")
+    return ids.long()
+
+
+class AAHR(ScheduleMixin, nn.Module):
+    """AAHR dual encoder with its training-only modules (see the module docstring).
+
+    Args:
+        cfg: :class:`ModelConfig` (validated). dims: ``{region_dim, img_global_dim, token_dim, txt_global_dim}``.
+    Submodules: ``img_enc``, ``txt_enc`` (:mod:`~aahr_fast.models.encoders`); ``prototypes``
+    (if ``use_prototypes``); ``graph`` (if ``use_graph``); ``img_key``, ``txt_key``, ``queue_v``,
+    ``queue_t`` (if ``use_moco``). Queues, pointers and ids are buffers (in the ``state_dict``).
+    """
+
+    _SCHEDULE_KEYS = ("proto_start", "graph_start", "moco_start")
+
+    def __init__(self, cfg: ModelConfig, dims: dict):
+        super().__init__()
+        cfg.validate()
+        dims = check_dims(dims)
+        self.cfg, self.dims = cfg, dims
+        d = cfg.embed_dim
+        self.img_enc = ImageEncoder(dims["region_dim"], dims["img_global_dim"], cfg)
+        self.txt_enc = TextEncoder(dims["token_dim"], dims["txt_global_dim"], cfg)
+        self.prototypes = (Prototypes(cfg.num_prototypes, d, eps=cfg.sinkhorn_eps, n_iters=cfg.sinkhorn_iters,
+                                      tau=cfg.proto_tau, backend=cfg.ops_backend) if cfg.use_prototypes else None)
+        self.graph = InstanceGraph(cfg) if cfg.use_graph else None
+        if cfg.use_moco:
+            self.img_key = make_momentum_copy(self.img_enc)
+            self.txt_key = make_momentum_copy(self.txt_enc)
+            self.queue_v = FeatureQueue(cfg.queue_size, d)
+            self.queue_t = FeatureQueue(cfg.queue_size, d)
+        else:
+            self.img_key = self.txt_key = self.queue_v = self.queue_t = None
+        self._pending: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._starts = None
+
+    # ------------------------------------------------------------------ inference
+    def encode_images(self, batch: dict) -> torch.Tensor:
+        """Final fused image embeddings ``f_v`` (B, D) float32 (norm <= 1; retrieval uses dot products).
+        Call in eval mode. Needs ``regions, region_lens, img_global``; raises DataError otherwise."""
+        return self.img_enc(batch).fused
+
+    def encode_texts(self, batch: dict) -> torch.Tensor:
+        """Final fused text embeddings ``f_t`` (B, D) float32. Call in eval mode. Needs ``tokens`` (or
+        ``input_ids``), ``token_lens``, ``txt_global``; raises DataError otherwise."""
+        return self.txt_enc(batch).fused
+
+    # ------------------------------------------------------------------ training
+    def _trip(self, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        return matching_loss(c.loss, a, b, ids, gen, margin=c.margin, n=c.dws_n, cutoff=c.dws_cutoff,
+                             min_dist=c.dws_min_dist, mask_same_image=c.mask_same_image)
+
+    def moco_active(self, step: int) -> bool:
+        """True when the MoCo loss is on at ``step``: past ``moco_start`` and both queues filled once."""
+        return (self.queue_v is not None and step >= self.start_of("moco_start")
+                and self.queue_v.is_full and self.queue_t.is_full)
+
+    def training_step(self, batch: dict, step: int, generator: torch.Generator) -> dict:
+        """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}}``.
+
+        Parts: ``base``, and when enabled ``proto``, ``gnn``, ``moco`` (unweighted values; 0.0 before
+        their start step, when they are not computed), plus ``total``. The momentum keys of this batch
+        are kept for :meth:`on_after_optimizer_step` (train mode only).
+
+        Args:
+            batch: the batch dict of ``docs/DESIGN.md`` (needs ``img_index``).
+            step: 0-based global iteration (warm-up gating).
+            generator: torch.Generator for the triplet negative sampling (determinism).
+        Raises:
+            DataError for a malformed batch; ConfigError for an unresolved epoch / fraction start.
+        """
+        cfg = self.cfg
+        img = self.img_enc(batch)
+        txt = self.txt_enc(batch)
+        bsz = img.fused.shape[0]
+        if txt.fused.shape[0] != bsz:
+            raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
+        ids = _check_ids(batch, bsz).to(img.fused.device)
+
+        base = self._trip(img.fused, txt.fused, ids, generator)
+        total = base
+        parts = {"base": float(base.detach())}
+
+        if self.prototypes is not None:
+            if step >= self.start_of("proto_start"):
+                lp = self.prototypes(img.fused, txt.fused)
+                total = total + cfg.proto_weight * lp
+                parts["proto"] = float(lp.detach())
+            else:
+                parts["proto"] = 0.0
+
+        v_hat = F.normalize(img.local, dim=-1)
+        t_hat = F.normalize(txt.local, dim=-1)
+        if self.graph is not None:
+            if step >= self.start_of("graph_start"):
+                v_til, t_til = self.graph(v_hat, t_hat, img, txt)
+                lg = self._trip(v_hat, t_til, ids, generator) + self._trip(v_til, t_hat, ids, generator) \
+                    + self._trip(v_til, t_til, ids, generator)
+                total = total + cfg.graph_weight * lg
+                parts["gnn"] = float(lg.detach())
+            else:
+                parts["gnn"] = 0.0
+
+        if self.queue_v is not None:
+            with torch.no_grad():
+                k_v = F.normalize(self.img_key(batch).fused, dim=-1)
+                k_t = F.normalize(self.txt_key(batch).fused, dim=-1)
+            if self.training:
+                self._pending = (k_v, k_t, ids)
+            if self.moco_active(step):
+                mask = cfg.moco_mask_same_image and not cfg.paper_compat
+                lm = queue_infonce(v_hat, k_t, self.queue_t.feats, tau=cfg.moco_tau, q_ids=ids,
+                                   queue_ids=self.queue_t.ids, mask_same_image=mask) \
+                    + queue_infonce(t_hat, k_v, self.queue_v.feats, tau=cfg.moco_tau, q_ids=ids,
+                                    queue_ids=self.queue_v.ids, mask_same_image=mask)
+                total = total + cfg.moco_weight * lm
+                parts["moco"] = float(lm.detach())
+            else:
+                parts["moco"] = 0.0
+        parts["total"] = float(total.detach())
+        return {"loss": total, "parts": parts}
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self) -> None:
+        """After each optimiser step (train mode): EMA-update the key encoders towards the query
+        encoders (``m = moco_momentum``) and enqueue the keys of the last :meth:`training_step`. The
+        keys were computed before this update, so the order equals MoCo's (EMA, keys, loss, enqueue).
+        No-op in eval mode, without MoCo, or when no training step is pending."""
+        if self.queue_v is None or not self.training or self._pending is None:
+            return
+        k_v, k_t, ids = self._pending
+        self._pending = None
+        self.queue_v.enqueue(k_v, ids)
+        self.queue_t.enqueue(k_t, ids)
+        m = self.cfg.moco_momentum
+        ema_update(self.img_key, self.img_enc, m)
+        ema_update(self.txt_key, self.txt_enc, m)
+
+    def param_groups(self, lr: float, backbone_lr_mult: Optional[float] = None) -> list[dict]:
+        """Optimiser groups: everything trainable at ``lr`` and the fine-tuned text backbone at
+        ``lr * backbone_lr_mult`` (default ``cfg.backbone_lr_mult`` = 0.1). Key encoders are excluded."""
+        mult = self.cfg.backbone_lr_mult if backbone_lr_mult is None else backbone_lr_mult
+        return split_param_groups(self, lr, mult)
+
+    def train(self, mode: bool = True):
+        """Switch mode; leaving train mode drops any pending (not yet enqueued) keys."""
+        if not mode:
+            self._pending = None
+        return super().train(mode)
+
+
+def build_model(cfg: ModelConfig, dims: dict) -> nn.Module:
+    """Build the model named by ``cfg.arch``: ``"aahr"`` -> :class:`AAHR`, ``"vse"`` ->
+    :class:`~aahr_fast.models.baseline.VSEBaseline`.
+
+    Args: cfg: :class:`ModelConfig`; dims: ``{region_dim, img_global_dim, token_dim, txt_global_dim}``
+    (from the feature folder's ``meta.json``). Raises ConfigError for bad config / dims.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if cfg.arch == "vse":
+        from aahr_fast.models.baseline import VSEBaseline
+        return VSEBaseline(cfg, dims)
+    return AAHR(cfg, dims)

@@ -1,0 +1,240 @@
+"""``ModelConfig``: every hyperparameter of the AAHR model, its losses and the VSE baseline.
+
+Defaults are the paper's values (docs ``aahr-method.md`` section 4, Flickr30K column), except that the
+correct behaviour (padding masks everywhere, same-image masking in every loss and in the MoCo queue) is
+on by default; ``paper_compat=True`` switches on the quirks of the authors' code listed in section 6
+(unmasked attention pooling, unmasked inter-modal relevance, plain BatchNorm over padded rows, no
+same-image masking of queued keys).
+
+Warm-up starts (``proto_start``, ``graph_start``, ``moco_start``) accept
+- an ``int``: an iteration number (0-based; the part is active when ``step >= start``);
+- a ``str`` ``"<x>ep"`` / ``"<x>epoch(s)"``: epochs, e.g. ``"1.5ep"``;
+- a ``float`` in ``[0, 1]`` (or a string holding one, e.g. ``"0.25"``): a fraction of the whole training.
+Epoch and fraction forms need the trainer to call ``model.resolve_schedule(steps_per_epoch,
+total_steps)``; :func:`resolve_start` does the conversion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from aahr_fast.utils.errors import ConfigError
+
+StartSpec = Union[int, float, str]
+
+_LOSSES = ("dws", "hardest", "sum")
+_NORMS = ("masked_bn", "layernorm", "none")
+_PROJ = ("mlp", "linear")
+_NOGLOBAL_POOL = ("learned", "mean")
+_INTER_REL = ("scan", "chan")
+_ARCHS = ("aahr", "vse")
+_TEXT_MODES = ("frozen", "finetune")
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of :class:`aahr_fast.models.aahr.AAHR` and :class:`~aahr_fast.models.baseline.VSEBaseline`.
+
+    Source of each default: ``aahr-method.md`` section 4 (paper / authors' code [C]) unless noted.
+    Raises :class:`~aahr_fast.utils.errors.ConfigError` from :meth:`validate` (called by
+    ``build_model``) for out-of-range or unknown values.
+    """
+
+    # --- which model --------------------------------------------------------------------------
+    arch: str = "aahr"                      # "aahr" or "vse" (mean-pooled VSE baseline)
+    paper_compat: bool = False              # reproduce the section-6 quirks of the authors' code
+
+    # --- shared embedding ---------------------------------------------------------------------
+    embed_dim: int = 1024                   # joint space D
+    dropout: float = 0.1                    # fragment / instance Transformer dropout
+
+    # --- image encoder (section 2.2) ----------------------------------------------------------
+    img_proj: str = "mlp"                   # "mlp": W0 r + MLP(r) (GPO/HREM FC+MLP); "linear"
+    img_mlp_hidden: Optional[int] = None    # MLP hidden width; None -> embed_dim // 2 (paper 512)
+    proj_norm: str = "masked_bn"            # norm inside the MLP: masked BN statistics / LayerNorm / none
+
+    # --- text encoder (section 2.3) -----------------------------------------------------------
+    text_mode: str = "frozen"               # "frozen": batch["tokens"]; "finetune": batch["input_ids"] -> backbone
+    text_backbone_path: Optional[str] = None  # local BERT-family folder; None -> MiniLM package (offline)
+    backbone_lr_mult: float = 0.1           # lr multiplier of the fine-tuned backbone
+    txt_proj: str = "linear"                # paper: Linear(768 -> D); "mlp" gives the image-side block
+
+    # --- fragment level ("GAT"), pooling, fusion -----------------------------------------------
+    use_fragment_transformer: bool = True   # one post-norm Transformer layer over regions / words
+    frag_heads: int = 16
+    frag_ff_dim: Optional[int] = None       # None -> embed_dim (paper FF = d)
+    maxk: int = 2                           # max-k residual vector, k (HREM)
+    residual_beta: float = 0.8              # paper Eq. (2): v = beta v_res + (1-beta) v_pool
+    pool_heads: int = 8                     # global-guided pooling heads (GGLP)
+    pool_head_dim: Optional[int] = None     # per-head width; None -> embed_dim (the paper: full-width heads)
+    use_global: bool = True                 # frozen global vector branch (GGLP query + gated fusion)
+    noglobal_pool: str = "learned"          # pooling without the global branch: learned query / mean
+    use_gated_fusion: bool = True           # f = z l2(v) + (1-z) l2(g); off -> f = l2(v)
+
+    # --- base loss (section 3) ----------------------------------------------------------------
+    loss: str = "dws"                       # "dws" distance-weighted triplet / "hardest" VSE++ / "sum" hinges
+    margin: float = 0.2
+    dws_n: int = 512                        # dimension constant of the distance-weight formula (hard-coded 512)
+    dws_cutoff: float = 1.7                 # 1.7 Flickr30K, 1.9 COCO
+    dws_min_dist: float = 0.5
+    mask_same_image: bool = True            # same-image pairs are never negatives (hardest / sum)
+
+    # --- clustering prototypes (section 2.5) ---------------------------------------------------
+    use_prototypes: bool = True
+    num_prototypes: int = 384
+    sinkhorn_eps: float = 0.1
+    sinkhorn_iters: int = 3
+    proto_tau: float = 0.1
+    proto_weight: float = 0.2
+    proto_start: StartSpec = 2200
+
+    # --- instance neighbourhood graph (section 2.6) --------------------------------------------
+    use_graph: bool = True
+    use_gcn: bool = True                    # the three GCN layers (AAHR); off -> HREM-style graph
+    graph_start: StartSpec = 8000
+    graph_weight: float = 1.0
+    graph_sigma: float = 1.0                # paper Eq. (10)
+    graph_rho: float = 0.5                  # top floor(rho B) neighbours per row
+    graph_lam: float = 1.0                  # attention-bias weight lambda (1.0 F30K, 1.5 COCO)
+    gcn_dropout: float = 0.6
+    gcn_slope: float = 0.2
+    relevance_slope: float = 0.1            # LeakyReLU slope of the region-word cosine
+    inter_relevance: str = "scan"           # "scan" (AAHR/HREM mean relevance) or "chan" (hard assignment)
+    graph_heads: int = 16
+    graph_ff_dim: Optional[int] = None      # None -> embed_dim
+
+    # --- momentum encoders + queues (section 2.4) ----------------------------------------------
+    use_moco: bool = True
+    queue_size: int = 2048
+    moco_momentum: float = 0.999
+    moco_tau: float = 0.07
+    moco_weight: float = 1.0
+    moco_start: StartSpec = 0               # extra warm-up; the loss also waits until the queue is full once
+    moco_mask_same_image: bool = True       # queued keys of the query's image are not negatives
+
+    # --- misc ----------------------------------------------------------------------------------
+    ops_backend: Optional[str] = None       # forced aahr_fast.ops backend; None -> by device
+    extra: dict = field(default_factory=dict)  # free-form notes carried in checkpoints, unused here
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        """Check ranges and enumerations; returns ``self``. Raises ConfigError naming the field."""
+        def choice(name: str, allowed: tuple) -> None:
+            val = getattr(self, name)
+            if val not in allowed:
+                raise ConfigError(f"ModelConfig.{name}={val!r}: expected one of {allowed}")
+
+        choice("arch", _ARCHS)
+        choice("loss", _LOSSES)
+        choice("proj_norm", _NORMS)
+        choice("img_proj", _PROJ)
+        choice("txt_proj", _PROJ)
+        choice("noglobal_pool", _NOGLOBAL_POOL)
+        choice("inter_relevance", _INTER_REL)
+        choice("text_mode", _TEXT_MODES)
+        for name in ("embed_dim", "frag_heads", "pool_heads", "maxk", "num_prototypes", "sinkhorn_iters",
+                     "graph_heads", "queue_size", "dws_n"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ConfigError(f"ModelConfig.{name}={val!r}: expected a positive int")
+        for name in ("img_mlp_hidden", "frag_ff_dim", "pool_head_dim", "graph_ff_dim"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or val < 1):
+                raise ConfigError(f"ModelConfig.{name}={val!r}: expected None or a positive int")
+        for name in ("dropout", "gcn_dropout"):
+            val = getattr(self, name)
+            if not 0.0 <= float(val) < 1.0:
+                raise ConfigError(f"ModelConfig.{name}={val!r}: expected a probability in [0, 1)")
+        if not 0.0 <= self.residual_beta <= 1.0:
+            raise ConfigError(f"ModelConfig.residual_beta={self.residual_beta!r}: expected a value in [0, 1]")
+        if not 0.0 <= self.moco_momentum <= 1.0:
+            raise ConfigError(f"ModelConfig.moco_momentum={self.moco_momentum!r}: expected a value in [0, 1]")
+        if not 0.0 < self.graph_rho <= 1.0:
+            raise ConfigError(f"ModelConfig.graph_rho={self.graph_rho!r}: expected a value in (0, 1]")
+        for name in ("sinkhorn_eps", "proto_tau", "moco_tau", "graph_sigma", "dws_min_dist", "dws_cutoff"):
+            if not float(getattr(self, name)) > 0.0:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: expected a positive number")
+        if self.margin < 0:
+            raise ConfigError(f"ModelConfig.margin={self.margin!r}: expected >= 0")
+        if self.embed_dim % self.frag_heads:
+            raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} is not divisible by frag_heads={self.frag_heads}")
+        if self.embed_dim % self.graph_heads:
+            raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} is not divisible by graph_heads={self.graph_heads}")
+        for name in ("proto_start", "graph_start", "moco_start"):
+            parse_start(getattr(self, name), name)  # raises on a malformed spec
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict; unknown keys raise ConfigError (naming them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig keys {unknown}; known: {sorted(names)}")
+        return cls(**data).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (for checkpoints / YAML)."""
+        return dataclasses.asdict(self)
+
+
+_EPOCH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ep|epoch|epochs)\s*$", re.IGNORECASE)
+
+
+def parse_start(spec: StartSpec, name: str = "start") -> tuple[str, float]:
+    """Parse a warm-up start into ``("iter", n)``, ``("epoch", x)`` or ``("frac", f)``.
+
+    Raises ConfigError (naming ``name``) for negative values, fractions above 1 or unreadable strings.
+    """
+    if isinstance(spec, bool):
+        raise ConfigError(f"{name}={spec!r}: expected an int (iterations), 'Xep' (epochs) or a float fraction")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"{name}={spec!r}: iterations must be >= 0")
+        return ("iter", float(spec))
+    if isinstance(spec, float):
+        if not (0.0 <= spec <= 1.0) or math.isnan(spec):
+            raise ConfigError(f"{name}={spec!r}: a float is a fraction of training and must lie in [0, 1]")
+        return ("frac", spec)
+    if isinstance(spec, str):
+        s = spec.strip()
+        m = _EPOCH_RE.match(s)
+        if m:
+            return ("epoch", float(m.group(1)))
+        if re.fullmatch(r"[0-9]+", s):
+            return ("iter", float(int(s)))
+        try:
+            val = float(s)
+        except ValueError:
+            val = None
+        if val is not None:
+            return parse_start(val, name)
+    raise ConfigError(f"{name}={spec!r}: expected an int (iterations), 'Xep' (epochs) or a float fraction in [0, 1]")
+
+
+def resolve_start(spec: StartSpec, steps_per_epoch: Optional[int], total_steps: Optional[int],
+                  name: str = "start") -> int:
+    """Convert a warm-up start to an iteration number.
+
+    Args:
+        spec: see :func:`parse_start`.
+        steps_per_epoch: optimiser steps per epoch (needed for ``"Xep"``).
+        total_steps: optimiser steps of the whole run (needed for fractions).
+    Returns:
+        the first (0-based) iteration at which the part is active; ``ceil`` of the converted value.
+    Raises:
+        ConfigError when the needed count is missing or not positive.
+    """
+    kind, val = parse_start(spec, name)
+    if kind == "iter":
+        return int(val)
+    if kind == "epoch":
+        if not steps_per_epoch or steps_per_epoch < 1:
+            raise ConfigError(f"{name}={spec!r} is given in epochs: call resolve_schedule(steps_per_epoch>0, ...) first")
+        return int(math.ceil(val * steps_per_epoch - 1e-9))
+    if not total_steps or total_steps < 1:
+        raise ConfigError(f"{name}={spec!r} is a fraction of training: call resolve_schedule(..., total_steps>0) first")
+    return int(math.ceil(val * total_steps - 1e-9))

