@@ -10,9 +10,11 @@ groups captions by ``caption_image`` and never assumes exactly 5 per image.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +26,11 @@ __all__ = [
     "read_precomp",
     "PrecompIndex",
     "precomp_index",
+    "read_coco_json",
+    "read_karpathy",
+    "open_dataset",
     "FLICKR8K_SPLITS",
+    "KARPATHY_SPLITS",
     "DEV_TRUNCATE_CAPTIONS",
 ]
 
@@ -118,7 +124,7 @@ def read_flickr8k(root: str | os.PathLike, split: str) -> ImageTextSplit:
                             f"{cap_file}:{ln}: caption of {row[0]!r} is empty or only "
                             f"whitespace/punctuation: {row[1]!r}"
                         )
-                    groups[i].append(row[1].strip())
+                    groups[i].append(" ".join(row[1].split()))
     except UnicodeDecodeError as exc:
         raise DataError(f"{cap_file}: not valid UTF-8 ({exc})") from None
     except csv.Error as exc:
@@ -309,3 +315,216 @@ def read_precomp(folder: str | os.PathLike, split: str, dev_truncate: bool = Tru
         DataError: see :func:`precomp_index`.
     """
     return precomp_index(folder, split, dev_truncate).split
+
+
+# ----------------------------------------------------------------------------- COCO / Karpathy json
+def _load_json(path: Path) -> Any:
+    _require_file(path, "reader")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _check_image_files(paths: list[Path], source: Path) -> None:
+    """Every path must exist (one directory listing per distinct folder)."""
+    listing: dict[Path, set[str]] = {}
+    for i, p in enumerate(paths):
+        if p.parent not in listing:
+            listing[p.parent] = set(os.listdir(p.parent)) if p.parent.is_dir() else set()
+        if p.name not in listing[p.parent]:
+            raise DataError(f"{source}: image {i} file {p} does not exist (pass the right image_dir, or "
+                            f"check_images=False to read captions only)")
+
+
+def read_coco_json(
+    annotation_json: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    check_images: bool = True,
+) -> ImageTextSplit:
+    """Read an official COCO captions file (``captions_{train,val}2014.json``) as one split.
+
+    Uses ``images`` (``id``, ``file_name``) and ``annotations`` (``id``, ``image_id``, ``caption``).
+    Images keep the file's order; *all* captions are kept (COCO has 5-7 per image), grouped per image
+    (contiguous blocks) in file order within an image;
+    images without any caption are dropped (they cannot be evaluated). ``image_ids`` are the COCO image
+    ids (as strings; the same ids SCAN precomp and ECCV Caption use), ``caption_ids`` the annotation
+    ids, ``image_paths`` ``image_dir / file_name``. Training trains on all captions; evaluation groups
+    by ``caption_image`` (never assumes 5 per image).
+
+    Args:
+        name: split name (default: the file stem without ``captions_``, e.g. ``val2014``).
+        check_images: verify that every image file exists.
+    Raises:
+        DataError: missing/invalid file, missing keys, an annotation whose ``image_id`` is not among
+            ``images`` or whose caption is blank (index given), a missing image file.
+    """
+    path, image_dir = Path(annotation_json), Path(image_dir)
+    data = _load_json(path)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{path}: expected a COCO captions json with 'images' and 'annotations'")
+    index: dict[int, int] = {}
+    files: list[str] = []
+    ids: list[str] = []
+    for i, im in enumerate(data["images"]):
+        try:
+            iid, fname = im["id"], im["file_name"]
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: images[{i}] lacks 'id' or 'file_name'") from None
+        if iid in index:
+            raise DataError(f"{path}: images[{i}] repeats image id {iid} (first at images[{index[iid]}])")
+        index[iid] = len(files)
+        files.append(str(fname))
+        ids.append(str(iid))
+    groups: list[list[str]] = [[] for _ in files]
+    cid_groups: list[list[str]] = [[] for _ in files]
+    for a, ann in enumerate(data["annotations"]):
+        try:
+            iid, cap, aid = ann["image_id"], ann["caption"], ann["id"]
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: annotations[{a}] lacks 'image_id', 'caption' or 'id'") from None
+        if iid not in index:
+            raise DataError(f"{path}: annotations[{a}] (id {aid}) refers to unknown image_id {iid}")
+        if not isinstance(cap, str) or is_blank_caption(cap):
+            raise DataError(f"{path}: annotations[{a}] (id {aid}) caption is empty or only "
+                            f"whitespace/punctuation: {cap!r}")
+        groups[index[iid]].append(" ".join(cap.split()))
+        cid_groups[index[iid]].append(str(aid))
+    keep = [i for i, g in enumerate(groups) if g]
+    if not keep:
+        raise DataError(f"{path}: no image has a caption")
+    paths = [image_dir / files[i] for i in keep]
+    if check_images:
+        _check_image_files(paths, path)
+    split_name = name or path.stem.removeprefix("captions_")
+    return ImageTextSplit.from_groups(
+        split_name, str(path), [ids[i] for i in keep], [groups[i] for i in keep], paths,
+        [cid_groups[i] for i in keep],
+    )
+
+
+#: our split name -> Karpathy ``split`` values. ``restval`` (COCO val2014 images outside val/test) is
+#: folded into train, as in SCAN/GPO/VSE++ (113,287 COCO training images); ``testall`` is COCO's 5K test.
+KARPATHY_SPLITS = {
+    "train": ("train", "restval"),
+    "dev": ("val",),
+    "test": ("test",),
+    "testall": ("test",),
+}
+
+
+def read_karpathy(
+    dataset_json: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    split: str,
+    *,
+    check_images: bool = True,
+) -> ImageTextSplit:
+    """Read one split of a Karpathy ``dataset_{coco,flickr8k,flickr30k}.json``.
+
+    Uses ``images[*]``: ``split``, ``filepath`` (COCO only: ``train2014``/``val2014``), ``filename``,
+    ``sentences[*].raw``, ``sentids`` and ``cocoid`` when present. Split names: ``train`` (Karpathy
+    ``train`` + ``restval``, restval folded into train as SCAN/GPO do), ``dev`` (``val``), ``test`` and
+    ``testall`` (both ``test``). All sentences of an image are kept (training uses every caption;
+    evaluation groups by ``caption_image``).
+
+    ``image_ids``: the COCO id for COCO (``cocoid``), else the file name; ``caption_ids``: ``sentids``;
+    ``image_paths``: ``image_dir / filepath / filename``.
+
+    Raises:
+        DataError: unknown split; invalid json or missing keys (image index given); an image without
+            sentences; a blank sentence (image and sentence index given); a missing image file.
+    """
+    path, image_dir = Path(dataset_json), Path(image_dir)
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{path}: unknown split {split!r}; expected one of {sorted(KARPATHY_SPLITS)}")
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: expected a Karpathy dataset json with an 'images' list")
+    wanted = KARPATHY_SPLITS[split]
+    ids: list[str] = []
+    paths: list[Path] = []
+    groups: list[list[str]] = []
+    cid_groups: list[list[str]] = []
+    for i, im in enumerate(data["images"]):
+        try:
+            if im["split"] not in wanted:
+                continue
+            fname, sents = im["filename"], im["sentences"]
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: images[{i}] lacks 'split', 'filename' or 'sentences'") from None
+        if not sents:
+            raise DataError(f"{path}: images[{i}] ({fname}) has no sentences")
+        caps = []
+        for s, sent in enumerate(sents):
+            raw = sent.get("raw") if isinstance(sent, dict) else None
+            if not isinstance(raw, str) or is_blank_caption(raw):
+                raise DataError(f"{path}: images[{i}].sentences[{s}] ({fname}) raw caption is empty or only "
+                                f"whitespace/punctuation: {raw!r}")
+            caps.append(" ".join(raw.split()))
+        sentids = im.get("sentids") or [sent.get("sentid", "") for sent in sents]
+        if len(sentids) != len(caps):
+            raise DataError(f"{path}: images[{i}] ({fname}) has {len(caps)} sentences but {len(sentids)} sentids")
+        ids.append(str(im["cocoid"]) if "cocoid" in im else str(fname))
+        paths.append(image_dir / im.get("filepath", "") / fname)
+        groups.append(caps)
+        cid_groups.append([str(x) for x in sentids])
+    if not ids:
+        raise DataError(f"{path}: no image with split in {list(wanted)} (for split {split!r})")
+    if check_images:
+        _check_image_files(paths, path)
+    return ImageTextSplit.from_groups(split, str(path), ids, groups, paths, cid_groups)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def open_dataset(spec: str | os.PathLike, split: str, *, image_dir: str | os.PathLike | None = None,
+                 dev_truncate: bool = True, **synthetic_kwargs: Any) -> ImageTextSplit:
+    """Open ``split`` of the dataset named by ``spec``, picking the reader from what ``spec`` is.
+
+    * ``"synthetic"`` or ``"synthetic:<root>"``: the procedurally rendered default dataset
+      (:func:`aahr_fast.data.synthetic.make_synthetic`; root default ``$AAHR_SYNTHETIC_DIR`` or
+      ``./data/synthetic``; ``synthetic_kwargs`` go to ``make_synthetic``);
+    * a folder with ``captions.txt``: Flickr8k (:func:`read_flickr8k`);
+    * a folder with ``{split}_caps.txt``: SCAN precomp / prepared features (:func:`read_precomp`);
+    * a ``.json`` with ``annotations``: COCO captions (:func:`read_coco_json`; ``image_dir`` default:
+      ``<json>/../../<stem without captions_>`` as in the COCO layout ``annotations/captions_val2014.json``
+      + ``val2014/``, falling back to the json's folder);
+    * a ``.json`` whose ``images`` carry ``sentences``: Karpathy (:func:`read_karpathy`; ``image_dir``
+      default: the json's folder).
+
+    Raises:
+        DataError: a path that does not exist or matches none of the above.
+    """
+    s = str(spec)
+    if s == "synthetic" or s.startswith("synthetic:"):
+        from aahr_fast.data.synthetic import make_synthetic
+
+        root = s.partition(":")[2] or os.environ.get("AAHR_SYNTHETIC_DIR") or "data/synthetic"
+        splits = make_synthetic(root, **synthetic_kwargs)
+        if split not in splits:
+            raise DataError(f"synthetic dataset at {root}: unknown split {split!r}; has {sorted(splits)}")
+        return splits[split]
+    path = Path(s)
+    if path.is_dir():
+        if (path / "captions.txt").is_file():
+            return read_flickr8k(path, split)
+        if (path / f"{split}_caps.txt").is_file():
+            return read_precomp(path, split, dev_truncate)
+        raise DataError(f"{path}: folder has neither captions.txt (Flickr8k) nor {split}_caps.txt (precomp)")
+    if path.suffix == ".json" and path.is_file():
+        data = _load_json(path)
+        if isinstance(data, dict) and "annotations" in data:
+            if image_dir is None:
+                stem = path.stem.removeprefix("captions_")
+                cands = [path.parent.parent / stem, path.parent / stem, path.parent]
+                image_dir = next((c for c in cands if c.is_dir()), cands[0])
+            return read_coco_json(path, image_dir, name=split)
+        imgs = data.get("images") if isinstance(data, dict) else None
+        if isinstance(imgs, list) and imgs and isinstance(imgs[0], dict) and "sentences" in imgs[0]:
+            return read_karpathy(path, image_dir if image_dir is not None else path.parent, split)
+        raise DataError(f"{path}: json is neither COCO captions ('annotations') nor Karpathy "
+                        f"('images[*].sentences')")
+    raise DataError(f"dataset spec {s!r}: not 'synthetic[:root]', an existing folder, or a .json file")
