@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from aahr_fast.utils.errors import ConfigError, DataError
 
-__all__ = ["dws_triplet", "dws_triplet_oneway", "vse_loss", "queue_infonce", "matching_loss"]
+__all__ = ["dws_triplet", "dws_triplet_oneway", "dws_negative_probs", "vse_loss", "queue_infonce", "matching_loss"]
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, ids: Optional[torch.Tensor], name: str) -> None:
@@ -26,50 +26,65 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, ids: Optional[torch.Tensor], n
         raise DataError(f"{name}: ids must be (B,)={a.shape[0]}, got {tuple(ids.shape)}")
 
 
-def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, *,
-                       margin: float = 0.2, n: int = 512, cutoff: float = 1.7, min_dist: float = 0.5) -> torch.Tensor:
-    """Distance-weighted-sampling triplet loss, one direction (anchors ``anchor``, candidates ``cand``).
+def dws_negative_probs(s: torch.Tensor, ids: torch.Tensor, *, n: int = 512, cutoff: float = 1.7,
+                       min_dist: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling distribution of the distance-weighted negatives (Wu et al. 2017; HREM; ``aahr-method.md`` 3).
 
-    Formula (``aahr-method.md`` section 3, HREM after Wu et al. "Sampling Matters", 2017): with
-    ``s = anchor @ cand.T`` and ``d = sqrt(2 - 2 s)`` clamped to ``>= min_dist``,
-    ``log w = (2 - n) log d - (n - 3)/2 log(1 - d^2 / 4)``. Negatives are candidates of another image
-    with ``d < cutoff``; for every (anchor i, positive j) with ``ids[i] == ids[j]`` one negative ``k`` is
-    drawn from ``w[i] / sum w[i]`` using ``generator``, and the loss is
-    ``sum_(i,j) max(0, margin + s[i,k] - s[i,j])``.
-    When no negative of anchor ``i`` lies within the cutoff, ``k`` is drawn uniformly over its negatives
-    (as the Sampling-Matters reference does [I]); an anchor without any negative contributes 0.
+    With ``d = sqrt(2 - 2 s)`` clamped to ``>= min_dist`` and
+    ``log w = (2 - n) log d - (n - 3)/2 log(1 - d^2 / 4)``, row ``i`` is ``w[i] / sum w[i]`` over the
+    negatives (other image id) with ``d < cutoff``; when row ``i`` has no negative within the cutoff it
+    is uniform over its negatives ([I], as the Sampling-Matters reference code does).
 
-    Args:
-        anchor, cand: (B, D) float. ids: (B,) int64 image ids. generator: torch.Generator (any device;
-            sampling happens on the generator's device, so runs are reproducible).
-    Returns:
-        scalar tensor (sum over the positive pairs), differentiable w.r.t. ``anchor`` and ``cand``.
-    Raises:
-        DataError on shape mismatch.
+    Args: s (B, B') similarities anchor x candidate (no grad needed); ids: (B,) and (B',) share an id space,
+        given as one (B,) tensor when B == B' (anchors and candidates are the two sides of the same pairs).
+    Returns: (probs (B, B') float32, has_neg (B,) bool). Rows without any negative are uniform
+        placeholders and flagged ``False`` in ``has_neg``.
     """
-    _check_pair(anchor, cand, ids, "dws_triplet")
-    s = anchor @ cand.t()                                              # (B, B)
     with torch.no_grad():
         sd = s.detach().float()
         d = (2.0 - 2.0 * sd).clamp_min(0.0).sqrt().clamp_min(min_dist)
         log_w = (2.0 - n) * d.log() - 0.5 * (n - 3.0) * (1.0 - 0.25 * d * d).clamp_min(1e-8).log()
-        same = ids[:, None] == ids[None, :]
-        neg = ~same
+        neg = ids[:, None] != ids[None, :]
         near = neg & (d < cutoff)
         has_near = near.any(dim=1, keepdim=True)
         allowed = torch.where(has_near, near, neg)                     # fallback: uniform over negatives
         logits = torch.where(near, log_w, torch.zeros_like(log_w))     # uniform (0) where falling back
         logits = logits.masked_fill(~allowed, float("-inf"))
         has_neg = neg.any(dim=1)
-        logits[~has_neg] = 0.0                                          # placeholder row, masked below
-        probs = torch.softmax(logits, dim=1)
+        logits[~has_neg] = 0.0                                          # placeholder row
+        return torch.softmax(logits, dim=1), has_neg
+
+
+def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, *,
+                       margin: float = 0.2, n: int = 512, cutoff: float = 1.7, min_dist: float = 0.5) -> torch.Tensor:
+    """Distance-weighted-sampling triplet loss, one direction (anchors ``anchor``, candidates ``cand``).
+
+    Formula (``aahr-method.md`` section 3, HREM after Wu et al. "Sampling Matters", 2017): with
+    ``s = anchor @ cand.T``, for every (anchor i, positive j) with ``ids[i] == ids[j]`` (the diagonal
+    included) one negative ``k`` is drawn from :func:`dws_negative_probs` row ``i`` using ``generator``,
+    and the loss is ``sum_(i,j) max(0, margin + s[i,k] - s[i,j])`` (summed, not averaged). An anchor
+    without any negative contributes 0.
+
+    Args:
+        anchor, cand: (B, D) float. ids: (B,) int64 image ids. generator: torch.Generator (any device;
+            sampling happens on the generator's device, so runs are reproducible).
+    Returns:
+        scalar tensor, differentiable w.r.t. ``anchor`` and ``cand``.
+    Raises:
+        DataError on shape mismatch.
+    """
+    _check_pair(anchor, cand, ids, "dws_triplet")
+    s = anchor @ cand.t()                                              # (B, B)
+    probs, has_neg = dws_negative_probs(s, ids, n=n, cutoff=cutoff, min_dist=min_dist)
+    with torch.no_grad():
+        same = ids[:, None] == ids[None, :]
         pa, pp = same.nonzero(as_tuple=True)                            # (P,) anchor / positive indices
         keep = has_neg[pa]
         pa, pp = pa[keep], pp[keep]
-        if pa.numel() == 0:
-            return s.sum() * 0.0
-        gdev = generator.device
-        pk = torch.multinomial(probs[pa].to(gdev), 1, replacement=True, generator=generator).squeeze(1)
+    if pa.numel() == 0:
+        return s.sum() * 0.0
+    with torch.no_grad():
+        pk = torch.multinomial(probs[pa].to(generator.device), 1, replacement=True, generator=generator).squeeze(1)
         pk = pk.to(s.device)
     return (margin + s[pa, pk] - s[pa, pp]).clamp_min(0.0).sum()
 
