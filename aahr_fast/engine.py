@@ -1,0 +1,715 @@
+"""Training and evaluation loop pieces used by ``python -m aahr_fast.train`` / ``evaluate``.
+
+:class:`Trainer` runs one training job described by a :class:`aahr_fast.config.TrainConfig` on a
+prepared feature folder (docs/DESIGN.md):
+
+* AdamW over ``model.param_groups(lr, backbone_lr_mult)``, step decay (x ``decay_factor`` after the
+  given epochs, :class:`StepDecay`), global-norm gradient clipping (2.0), autocast bf16/fp16 on GPU
+  only (a GradScaler with fp16), everything on ``run.device`` (never a hard-coded ``.cuda()``);
+* seeded and deterministic on CPU: python/numpy/torch seeds, ``torch.use_deterministic_algorithms``
+  (warn-only), the epoch permutation drawn from a dedicated sampler generator, per-item augmentation
+  derived from (seed, epoch, caption index) by the data layer, a DataLoader generator +
+  ``worker_init_fn``, and a separate ``torch.Generator`` for the model's own sampling;
+* a training guard: a step whose loss or gradient norm is non-finite is skipped (no optimizer step,
+  no momentum/queue update) and logged; ``run.max_nonfinite_steps`` consecutive ones stop the run with
+  :class:`NonFiniteLossError`, leaving the last good checkpoint in place;
+* model selection on the *dev* split by rsum (never test); checkpoints (:mod:`aahr_fast.checkpoint`)
+  after every epoch and every ``run.save_every_steps`` iterations, holding everything needed to
+  resume exactly, including the epoch's sampler permutation and position;
+* ``metrics.jsonl`` (one JSON record per logged step / finished epoch / event), PNG plots, and the
+  final test table (``evaluation.format_table``) written to ``test_results.json``.
+
+Exact resume: on CPU with ``run.deterministic`` a run killed after iteration k and resumed from its
+last checkpoint logs the same loss at every later iteration and ends with the same metrics as an
+uninterrupted run (same thread count). This holds because every source of randomness is either
+saved in the checkpoint (global RNGs, sampler and model generators, optimizer/scaler/schedule state,
+momentum queues as model buffers) or a pure function of (seed, epoch, index).
+
+Iteration numbering: ``step`` counts batches drawn (skipped ones included), 0-based when passed to
+``model.training_step``; metrics records use the 1-based count of finished iterations.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from aahr_fast.checkpoint import (
+    CKPT_DIR,
+    CheckpointRef,
+    checkpoint_tag,
+    collect_garbage,
+    load_train_state,
+    load_weights,
+    read_weights_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+    update_pointer,
+)
+from aahr_fast.config import TrainConfig, config_to_dict, save_config
+from aahr_fast.utils.errors import AAHRError, CheckpointError, ConfigError
+from aahr_fast.utils.io import atomic_save_json, atomic_write
+
+__all__ = [
+    "NonFiniteLossError",
+    "select_device",
+    "amp_dtype",
+    "configure_determinism",
+    "seed_everything",
+    "StepDecay",
+    "EpochBatchSampler",
+    "MetricsLog",
+    "open_feature_split",
+    "feature_dims",
+    "encode_split",
+    "evaluate_model",
+    "Trainer",
+]
+
+
+class NonFiniteLossError(AAHRError, RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient; the run stopped."""
+
+
+# --------------------------------------------------------------------------------------------------
+# devices, precision, seeding
+
+
+def select_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> ``cuda`` when available else ``cpu``; otherwise ``torch.device(spec)``.
+
+    Raises:
+        ConfigError: an unparsable device, or a CUDA device asked for where CUDA is unavailable.
+    """
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"run.device={spec!r}: not a device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={spec!r}: CUDA is not available on this machine (use cpu or auto)")
+    return dev
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``run.amp`` on ``device``: None on CPU or with ``"none"``; ``"auto"`` picks
+    bf16 where the GPU supports it, else fp16."""
+    if device.type != "cuda" or mode == "none":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels where torch has them (warn-only elsewhere), no cuDNN autotuning."""
+    if deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = bool(deterministic)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _worker_init_fn(worker_id: int) -> None:
+    # Each DataLoader worker gets torch seed base_seed + id (from the loader generator); derive the
+    # numpy / python seeds from it so libraries that use the global RNGs are seeded per worker too.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state(sampler_gen: torch.Generator, model_gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "sampler": sampler_gen.get_state(),
+        "model": model_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, sampler_gen: torch.Generator, model_gen: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    sampler_gen.set_state(state["sampler"])
+    model_gen.set_state(state["model"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule, sampler, metrics log
+
+
+class StepDecay:
+    """Step learning-rate decay: ``lr = base_lr * factor ** (number of decay epochs already passed)``.
+
+    The GPO/HREM/AAHR schedule (AAHR: x0.1 after epochs 15 and 25 of 40). ``base_lr`` is each param
+    group's lr at construction (so a backbone group keeps its multiplier). Call :meth:`set_epoch`
+    with the number of finished epochs before each epoch.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay_epochs: list[int], factor: float) -> None:
+        self.optimizer = optimizer
+        self.decay_epochs = sorted(int(e) for e in decay_epochs)
+        self.factor = float(factor)
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.epoch = 0
+
+    def multiplier(self, finished_epochs: int) -> float:
+        """``factor ** #{e in decay_epochs : e <= finished_epochs}``."""
+        return self.factor ** sum(1 for e in self.decay_epochs if e <= finished_epochs)
+
+    def set_epoch(self, finished_epochs: int) -> None:
+        """Set every group's lr for the epoch that follows ``finished_epochs`` finished ones."""
+        self.epoch = int(finished_epochs)
+        mult = self.multiplier(self.epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * mult
+
+    def state_dict(self) -> dict:
+        return {"decay_epochs": list(self.decay_epochs), "factor": self.factor,
+                "base_lrs": list(self.base_lrs), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay_epochs = [int(e) for e in state["decay_epochs"]]
+        self.factor = float(state["factor"])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
+        self.set_epoch(int(state["epoch"]))
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of one epoch from a fixed permutation, starting at batch ``start`` (for a mid-epoch
+    resume). ``drop_last`` semantics: only full batches, at most ``num_batches`` of them.
+
+    Args:
+        perm: int64 (n,) permutation of the dataset indices for this epoch.
+        batch_size: items per batch. start: batches already consumed. num_batches: batches per epoch.
+    """
+
+    def __init__(self, perm: torch.Tensor, batch_size: int, start: int, num_batches: int) -> None:
+        self.perm = perm
+        self.batch_size = int(batch_size)
+        self.start = int(start)
+        self.num_batches = int(num_batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.start, self.num_batches):
+            yield self.perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended and flushed as training goes.
+
+    Record types: ``step`` (epoch, step, loss, parts, lr, grad_norm), ``skip`` (a non-finite step),
+    ``epoch`` (epoch, step, train_loss, dev metrics, lr, seconds), ``resume``, ``stop``. Appends are
+    plain line writes (a log, not a result file); a crash can leave at most a partial last line,
+    which :meth:`read` ignores, and on resume :meth:`truncate_to_step` rewrites the file atomically
+    without the records past the checkpoint.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict]:
+        """All complete records of a metrics file (a truncated last line is skipped)."""
+        out = []
+        p = Path(path)
+        if not p.is_file():
+            return out
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def truncate_to_step(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (events without a step are kept)."""
+        keep = [r for r in self.read(self.path) if r.get("step", -1) <= step]
+        with atomic_write(self.path, "w") as fh:
+            for r in keep:
+                fh.write(json.dumps(r) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# data and evaluation helpers
+
+
+def open_feature_split(folder: str | os.PathLike, split: str) -> Any:
+    """Open one split of a prepared feature folder (:class:`aahr_fast.data.features.FeatureSplit`)."""
+    from aahr_fast.data.features import FeatureSplit
+
+    return FeatureSplit(folder, split)
+
+
+def feature_dims(fs: Any) -> dict:
+    """The dims dict ``build_model`` takes: region_dim, img_global_dim, token_dim, txt_global_dim
+    (None where the folder lacks the file)."""
+    return {"region_dim": fs.region_dim, "img_global_dim": fs.img_global_dim,
+            "token_dim": fs.token_dim, "txt_global_dim": fs.txt_global_dim}
+
+
+def _text_field(model_cfg: Any) -> str:
+    return "input_ids" if getattr(model_cfg, "text_mode", "frozen") == "finetune" else "tokens"
+
+
+def _uses_global(model_cfg: Any) -> bool:
+    return bool(getattr(model_cfg, "use_global", True)) and getattr(model_cfg, "arch", "aahr") == "aahr"
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def encode_split(model: torch.nn.Module, fs: Any, model_cfg: Any, *, device: torch.device,
+                 batch_size: int = 256, max_images: int | None = None,
+                 autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Encode all images and captions of a split with the model in eval mode.
+
+    Args:
+        model: has ``encode_images(batch) -> (B, D)`` and ``encode_texts(batch) -> (B, D)``.
+        fs: the :class:`FeatureSplit`. model_cfg: selects token features vs input ids and globals.
+        max_images: keep only the first N images and their captions (None = all).
+    Returns:
+        img_emb (N, D) float32 CPU, txt_emb (M, D) float32 CPU, caption_image int64 (M,) into the N images.
+    """
+    from aahr_fast.data.features import ImageDataset, TextDataset, collate_images, collate_texts
+
+    was_training = model.training
+    model.eval()
+    glob = _uses_global(model_cfg)
+    images = ImageDataset(fs, with_global=glob)
+    texts = TextDataset(fs, text=_text_field(model_cfg), with_global=glob)
+    cap_img = np.asarray(fs.caption_image, dtype=np.int64)
+    if max_images is not None and max_images < len(images):
+        images = Subset(images, range(max_images))
+        caps = np.flatnonzero(cap_img < max_images)
+        texts = Subset(texts, caps.tolist())
+        cap_img = cap_img[caps]
+    out = []
+    for ds, collate, fn in ((images, collate_images, model.encode_images), (texts, collate_texts, model.encode_texts)):
+        chunks = []
+        # A private generator: creating the loader iterator must not consume the global torch RNG.
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                            generator=torch.Generator())
+        for batch in loader:
+            batch = _to_device(batch, device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                emb = fn(batch)
+            chunks.append(emb.float().cpu())
+        out.append(torch.cat(chunks))
+    model.train(was_training)
+    return out[0], out[1], cap_img
+
+
+def evaluate_model(model: torch.nn.Module, fs: Any, model_cfg: Any, *, device: torch.device,
+                   batch_size: int = 256, protocol: str = "1k", max_images: int | None = None,
+                   autocast: torch.dtype | None = None, return_sims: bool = False) -> Any:
+    """R@K metrics of ``model`` on a split: dot-product similarities of the final embeddings, scored
+    by ``aahr_fast.evaluation.evaluate_protocol`` (``protocol`` 1k / coco5fold / 5k).
+
+    Returns:
+        the metrics dict (percent recalls, medr, meanr, rsum), and the (N, M) float32 similarity
+        matrix as a second value when ``return_sims``.
+    """
+    from aahr_fast.evaluation import evaluate_protocol
+
+    img, txt, cap_img = encode_split(model, fs, model_cfg, device=device, batch_size=batch_size,
+                                     max_images=max_images, autocast=autocast)
+    sims = img @ txt.T
+    metrics = evaluate_protocol(sims, torch.from_numpy(cap_img), protocol=protocol)
+    metrics = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) or torch.is_tensor(v) else v)
+               for k, v in dict(metrics).items()}
+    return (metrics, sims) if return_sims else metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0              # finished epochs
+    step: int = 0               # iterations drawn so far (skipped included)
+    batch_in_epoch: int = 0     # batches of the current epoch already drawn
+    perm: torch.Tensor | None = None
+    best_rsum: float = -math.inf
+    best_epoch: int = 0
+    nonfinite_run: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    best_tag: str | None = None
+    best_info: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """One training run (see the module docstring).
+
+    Args:
+        cfg: the resolved :class:`TrainConfig`.
+        data_dir: prepared feature folder with the train/dev/test splits named in ``cfg.data``.
+        run_dir: output folder (created).
+        resume: continue from ``run_dir/last.json``.
+        log: where human-readable messages go (default: stderr).
+        model_builder: ``(model_cfg, dims) -> nn.Module`` (default ``aahr_fast.models.build_model``).
+    Raises:
+        ConfigError: ``run_dir`` already holds a run and ``resume`` is False; too few training
+            captions for one batch.
+        CheckpointError: ``resume`` without a usable checkpoint, or with a checkpoint whose config
+            or feature dims differ.
+        DataError: from the feature folder.
+    """
+
+    def __init__(self, cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
+                 resume: bool = False, log: Callable[[str], None] | None = None,
+                 model_builder: Callable[[Any, dict], torch.nn.Module] | None = None) -> None:
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if model_builder is None:
+            from aahr_fast.models import build_model as model_builder
+        self.model_builder = model_builder
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._setup()
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        run = cfg.run
+        if not self.resume and (self.run_dir / "last.json").exists():
+            raise ConfigError(f"run folder {self.run_dir} already holds a run (last.json); pass --resume to "
+                              f"continue it or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = select_device(run.device)
+        if run.threads is not None:
+            torch.set_num_threads(run.threads)
+        configure_determinism(run.deterministic, self.device)
+        seed_everything(run.seed)
+        self.autocast = amp_dtype(run.amp, self.device)
+
+        from aahr_fast.data.features import CaptionDataset
+
+        d, m = cfg.data, cfg.model
+        self.train_fs = open_feature_split(self.data_dir, d.train_split)
+        self.dev_fs = open_feature_split(self.data_dir, d.dev_split)
+        self.dims = feature_dims(self.train_fs)
+        self.train_set = CaptionDataset(self.train_fs, train=True, region_drop=d.region_drop,
+                                        text=_text_field(m), with_global=_uses_global(m), seed=run.seed)
+        n = len(self.train_set)
+        bs = cfg.optim.batch_size
+        if n < bs:
+            raise ConfigError(f"optim.batch_size={bs} but the {d.train_split!r} split of {self.data_dir} has only "
+                              f"{n} captions (batches are full, drop_last)")
+        self.batches_per_epoch = n // bs
+        if cfg.schedule.max_steps_per_epoch is not None:
+            self.batches_per_epoch = min(self.batches_per_epoch, cfg.schedule.max_steps_per_epoch)
+        self.total_steps = self.batches_per_epoch * cfg.schedule.epochs
+
+        self.model = self.model_builder(m, dict(self.dims)).to(self.device)
+        if hasattr(self.model, "resolve_schedule"):
+            self.model.resolve_schedule(self.batches_per_epoch, self.total_steps)
+        if hasattr(self.model, "param_groups"):
+            groups = self.model.param_groups(cfg.optim.lr, getattr(m, "backbone_lr_mult", 0.1))
+        else:
+            groups = [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scheduler = StepDecay(self.optimizer, cfg.schedule.decay_epochs, cfg.schedule.decay_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
+        self.sampler_gen = torch.Generator().manual_seed(run.seed + 1)
+        self.model_gen = torch.Generator(device=self.device).manual_seed(run.seed + 2)
+        self.p = _Progress()
+        self.config_dict = config_to_dict(cfg)
+
+        if self.resume:
+            self._load_resume()
+        else:
+            save_config(cfg, self.run_dir / "config.yaml")
+            if self.metrics_log.path.exists():
+                self.metrics_log.path.unlink()
+        n_params = sum(p.numel() for p in self.params)
+        self.log(f"[train] device={self.device} amp={self.autocast} threads={torch.get_num_threads()} "
+                 f"train captions={n} batches/epoch={self.batches_per_epoch} epochs={cfg.schedule.epochs} "
+                 f"trainable params={n_params:,} run={self.run_dir}")
+
+    def _train_state(self) -> dict:
+        p = self.p
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {"epoch": p.epoch, "step": p.step, "batch_in_epoch": p.batch_in_epoch,
+                         "best_rsum": p.best_rsum, "best_epoch": p.best_epoch, "nonfinite_run": p.nonfinite_run,
+                         "epoch_loss_sum": p.epoch_loss_sum, "epoch_loss_n": p.epoch_loss_n,
+                         "batches_per_epoch": self.batches_per_epoch, "best_tag": p.best_tag,
+                         "best_info": dict(p.best_info)},
+            "perm": p.perm,
+            "rng": _rng_state(self.sampler_gen, self.model_gen),
+        }
+
+    def _load_resume(self) -> None:
+        last = self.run_dir / "last.json"
+        if not last.is_file():
+            raise CheckpointError(f"--resume: {self.run_dir} has no last.json checkpoint pointer "
+                                  f"(no checkpoint was completed in that run)")
+        ref = resolve_checkpoint(last)
+        load_weights(self.model, ref, expected_model_config=self.config_dict["model"], expected_dims=self.dims)
+        state = load_train_state(ref)
+        prog = state["progress"]
+        if prog["batches_per_epoch"] != self.batches_per_epoch:
+            raise CheckpointError(f"{ref.state}: checkpoint has {prog['batches_per_epoch']} batches per epoch, "
+                                  f"the current data/config gives {self.batches_per_epoch}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        p = self.p
+        p.epoch, p.step, p.batch_in_epoch = prog["epoch"], prog["step"], prog["batch_in_epoch"]
+        p.best_rsum, p.best_epoch = float(prog["best_rsum"]), int(prog["best_epoch"])
+        p.nonfinite_run = int(prog["nonfinite_run"])
+        p.epoch_loss_sum, p.epoch_loss_n = float(prog["epoch_loss_sum"]), int(prog["epoch_loss_n"])
+        p.perm = state["perm"]
+        _set_rng_state(state["rng"], self.sampler_gen, self.model_gen)
+        self.metrics_log.truncate_to_step(p.step)
+        self.metrics_log.append({"type": "resume", "step": p.step, "epoch": p.epoch,
+                                 "batch_in_epoch": p.batch_in_epoch, "checkpoint": str(ref.weights.name)})
+        p.best_tag, p.best_info = prog.get("best_tag"), dict(prog.get("best_info") or {})
+        self._restore_best_pointer()
+        self.log(f"[train] resumed from {ref.weights.name}: epoch {p.epoch} (+{p.batch_in_epoch} batches), "
+                 f"step {p.step}")
+
+    def _save(self, pointers: tuple[str, ...], info: dict | None = None) -> CheckpointRef:
+        p = self.p
+        epoch_for_tag = p.epoch + (1 if p.batch_in_epoch else 0)
+        if "best" in pointers:
+            p.best_tag = checkpoint_tag(epoch_for_tag, p.step)
+            p.best_info = dict(info or {})
+        ref = save_checkpoint(self.run_dir, self.model, self._train_state(), epoch=epoch_for_tag, step=p.step,
+                              config=self.config_dict, dims=self.dims, pointers=pointers, info=info)
+        collect_garbage(self.run_dir, keep=self.cfg.run.keep_checkpoints)
+        return ref
+
+    def _restore_best_pointer(self) -> None:
+        """After a resume, make best.json name the best checkpoint the state records (a kill may have
+        landed between the writes of last.json and best.json)."""
+        p = self.p
+        if p.best_tag is None:
+            return
+        weights = self.run_dir / CKPT_DIR / f"{p.best_tag}.safetensors"
+        if not weights.is_file():
+            return
+        meta = read_weights_meta(weights)
+        record = {"weights": f"{CKPT_DIR}/{p.best_tag}.safetensors", "state": f"{CKPT_DIR}/{p.best_tag}.pt",
+                  "ckpt_id": meta["ckpt_id"], "epoch": meta["epoch"], "step": meta["step"], **p.best_info}
+        current = None
+        try:
+            current = json.loads((self.run_dir / "best.json").read_text())
+        except (OSError, ValueError):
+            pass
+        if current != record:
+            update_pointer(self.run_dir, "best", record)
+
+    # ---------------------------------------------------------------- loop
+    def _epoch_loader(self, epoch: int, start: int) -> DataLoader:
+        if self.p.perm is None or start == 0:
+            self.p.perm = torch.randperm(len(self.train_set), generator=self.sampler_gen)
+        self.train_set.set_epoch(epoch)
+        loader_gen = torch.Generator().manual_seed(self.cfg.run.seed * 1000003 + epoch)
+        sampler = EpochBatchSampler(self.p.perm, self.cfg.optim.batch_size, start, self.batches_per_epoch)
+        from aahr_fast.data.features import collate_captions
+
+        nw = self.cfg.data.num_workers
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate_captions, num_workers=nw,
+                          worker_init_fn=_worker_init_fn, generator=loader_gen,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _train_step(self, batch: dict) -> dict:
+        cfg = self.cfg
+        p = self.p
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model.training_step(batch, p.step, self.model_gen)
+        loss = out["loss"]
+        loss_val = float(loss.detach().float().item())
+        parts = {k: float(v) for k, v in (out.get("parts") or {}).items()}
+        record = {"type": "step", "epoch": p.epoch + 1, "step": p.step + 1, "loss": loss_val, "parts": parts,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if not math.isfinite(loss_val):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**record, "type": "skip", "reason": "non-finite loss"}
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        record["grad_norm"] = gnorm
+        if not math.isfinite(gnorm):
+            if self.scaler.is_enabled():  # fp16 overflow: the scaler skips the step and lowers its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                return {**record, "type": "skip", "reason": "fp16 gradient overflow (scaler)", "counted": False}
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**record, "type": "skip", "reason": "non-finite gradient"}
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if hasattr(self.model, "on_after_optimizer_step"):
+            self.model.on_after_optimizer_step()
+        return record
+
+    def fit(self) -> dict:
+        """Train for the remaining epochs, then evaluate the best (dev rsum) checkpoint on the test
+        split. Returns the test results dict (also written to ``test_results.json``).
+
+        Raises:
+            NonFiniteLossError: ``run.max_nonfinite_steps`` consecutive non-finite steps.
+        """
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        p = self.p
+        t_start = time.perf_counter()
+        while p.epoch < cfg.schedule.epochs:
+            epoch = p.epoch
+            self.scheduler.set_epoch(epoch)
+            self.model.train()
+            start = p.batch_in_epoch
+            if start == 0:
+                p.epoch_loss_sum, p.epoch_loss_n = 0.0, 0
+            loader = self._epoch_loader(epoch, start)
+            t_epoch = time.perf_counter()
+            bar = tqdm(loader, total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
+                       disable=not cfg.run.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+            for batch in bar:
+                batch = _to_device(batch, self.device)
+                rec = self._train_step(batch)
+                p.step += 1
+                p.batch_in_epoch += 1
+                if rec["type"] == "skip":
+                    if rec.get("counted", True):
+                        p.nonfinite_run += 1
+                    self.metrics_log.append(rec)
+                    self.log(f"[train] step {p.step}: skipped ({rec['reason']}, loss={rec['loss']})")
+                    if p.nonfinite_run >= cfg.run.max_nonfinite_steps:
+                        self._stop_nonfinite()
+                else:
+                    p.nonfinite_run = 0
+                    p.epoch_loss_sum += rec["loss"]
+                    p.epoch_loss_n += 1
+                    if p.step % cfg.run.log_every_steps == 0:
+                        self.metrics_log.append(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
+                every = cfg.run.save_every_steps
+                if every and p.step % every == 0 and p.batch_in_epoch < self.batches_per_epoch:
+                    self._save(("last",))
+            bar.close()
+            self._end_epoch(time.perf_counter() - t_epoch)
+        results = self._final_test()
+        results["train_seconds_this_process"] = round(time.perf_counter() - t_start, 3)
+        return results
+
+    def _stop_nonfinite(self) -> None:
+        n = self.cfg.run.max_nonfinite_steps
+        last = self.run_dir / "last.json"
+        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        msg = (f"training stopped at step {self.p.step} (epoch {self.p.epoch + 1}): {n} consecutive steps had a "
+               f"non-finite loss or gradient (each was skipped; see {self.metrics_log.path}); {where}. "
+               f"Lower optim.lr, check the features for extreme values, or use run.amp=bf16/none")
+        self.metrics_log.append({"type": "stop", "step": self.p.step, "reason": msg})
+        raise NonFiniteLossError(msg)
+
+    def _end_epoch(self, seconds: float) -> None:
+        cfg = self.cfg
+        p = self.p
+        epoch = p.epoch + 1
+        record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": p.step,
+                                  "train_loss": p.epoch_loss_sum / max(1, p.epoch_loss_n),
+                                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
+        pointers: tuple[str, ...] = ("last",)
+        info: dict[str, Any] = {}
+        if epoch % cfg.run.eval_every_epochs == 0 or epoch == cfg.schedule.epochs:
+            dev = evaluate_model(self.model, self.dev_fs, cfg.model, device=self.device,
+                                 batch_size=cfg.data.eval_batch_size, protocol="1k",
+                                 max_images=cfg.data.dev_max_images, autocast=self.autocast)
+            record["dev"] = dev
+            info["dev_rsum"] = dev["rsum"]
+            if dev["rsum"] > p.best_rsum:
+                p.best_rsum, p.best_epoch = dev["rsum"], epoch
+                pointers = ("last", "best")
+            self.log(f"[train] epoch {epoch}: train loss {record['train_loss']:.4f}, dev rsum {dev['rsum']:.2f} "
+                     f"(best {p.best_rsum:.2f} @ epoch {p.best_epoch}), {seconds:.1f}s")
+        p.epoch = epoch
+        p.batch_in_epoch = 0
+        p.perm = None
+        self._save(pointers, info)
+        self.metrics_log.append(record)
+        if cfg.run.plots:
+            from aahr_fast.plots import plot_run
+
+            plot_run(self.metrics_log.path, self.run_dir)
+
+    def _final_test(self) -> dict:
+        cfg = self.cfg
+        from aahr_fast.evaluation import format_table
+
+        ref = resolve_checkpoint(self.run_dir, prefer="best")
+        load_weights(self.model, ref)
+        test_fs = open_feature_split(self.data_dir, cfg.data.test_split)
+        metrics = evaluate_model(self.model, test_fs, cfg.model, device=self.device,
+                                 batch_size=cfg.data.eval_batch_size, protocol=cfg.data.protocol,
+                                 autocast=self.autocast)
+        table = format_table(metrics)
+        results = {
+            "split": cfg.data.test_split,
+            "protocol": cfg.data.protocol,
+            "num_images": test_fs.num_images,
+            "num_captions": test_fs.num_captions,
+            "chance_r1": 100.0 / test_fs.num_images,
+            "checkpoint": ref.info,
+            "best_dev_rsum": self.p.best_rsum,
+            "metrics": metrics,
+        }
+        atomic_save_json(results, self.run_dir / "test_results.json")
+        self.log(f"[train] test ({cfg.data.test_split}, {test_fs.num_images} images, protocol {cfg.data.protocol}) "
+                 f"with the best dev checkpoint (epoch {ref.info.get('epoch')}):")
+        print(table, flush=True)
+        return results
