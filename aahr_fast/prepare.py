@@ -189,6 +189,27 @@ def _load_npz(path: Path, key: str) -> np.ndarray:
         raise DataError(f"work shard {path} is unreadable ({e}); delete {path.parent} and re-run") from e
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive ``flock`` on ``out/.prepare.lock`` so two runs never write one folder together.
+
+    Raises:
+        ConfigError: another process holds the lock.
+    """
+    import fcntl
+
+    lock = out / ".prepare.lock"
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another prepare run is writing {out} (it holds {lock}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
@@ -429,122 +450,123 @@ def prepare(
                   f"({time.perf_counter() - t_start:.2f} s)")
             old["noop"] = True
             return old
-    # From here on the folder is incomplete until the new meta.json lands.
-    meta_path.unlink(missing_ok=True)
+    with _exclusive(out):
+        # From here on the folder is incomplete until the new meta.json lands.
+        meta_path.unlink(missing_ok=True)
 
-    work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
-    state_path = work / "state.json"
-    if work.is_dir():
+        work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
+        state_path = work / "state.json"
+        if work.is_dir():
+            try:
+                same = json.loads(state_path.read_text()).get("work_key") == work_key
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if not state_path.is_file():
+            atomic_save_json({"work_key": work_key, "content_hash": content_hash, "config": config}, state_path)
+        for f in work.iterdir():  # temp files of atomic writers killed mid-write
+            if f.name.startswith(".") and f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+        _remove_stale_temps(out, [Path(n).stem for j in jobs for n in _split_files(j.name)] + ["meta"])
+
+        # --- models ---------------------------------------------------------------------------------------
+        import torch
+
+        from aahr_fast.backbones import ImageBackbone, OpenCLIPGlobal, TextBackbone
+
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
+        counter = _ShardCounter()
+        ib = tb = clip = None
+        stats: dict[str, dict] = {}
         try:
-            same = json.loads(state_path.read_text()).get("work_key") == work_key
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    if not state_path.is_file():
-        atomic_save_json({"work_key": work_key, "content_hash": content_hash, "config": config}, state_path)
-    for f in work.iterdir():  # temp files of atomic writers killed mid-write
-        if f.name.startswith(".") and f.name.endswith(".tmp"):
-            f.unlink(missing_ok=True)
-    _remove_stale_temps(out, [Path(n).stem for j in jobs for n in _split_files(j.name)] + ["meta"])
+            for job in jobs:
+                done_path = work / f"{job.name}.done"
+                if done_path.is_file() and all((out / f).is_file() for f in _split_files(job.name)):
+                    stats[job.name] = json.loads(done_path.read_text())
+                    continue
+                if ib is None:
+                    ib = image_backbone if isinstance(image_backbone, ImageBackbone) else ImageBackbone(img_weights)
+                    tb = text_backbone if isinstance(text_backbone, TextBackbone) else TextBackbone(txt_path)
+                    if clip_checkpoint is not None:
+                        clip = OpenCLIPGlobal(clip_checkpoint, clip_model)
+                    ib.eval()
+                    tb.eval()
+                s = job.split
+                n, m = s.num_images, s.num_captions
+                ids_t, lens_t = tb.tokenize(job.captions)
+                input_ids = ids_t.numpy().astype(np.int32)
+                lens = lens_t.numpy().astype(np.int32)
+                lmax = input_ids.shape[1]
 
-    # --- models ---------------------------------------------------------------------------------------
-    import torch
+                img_files, n_img, t_img = _image_shards(job, work, ib, clip, np_dtype, batch_size, shard_images,
+                                                        decode_workers, counter, progress)
+                txt_files, n_txt, t_txt = _text_shards(job, work, tb, clip, np_dtype, input_ids, lens,
+                                                       text_batch_size, shard_captions, counter, progress)
+                g_img = _load_npz(img_files[0], "glob").shape[1]
+                g_txt = _load_npz(txt_files[0], "glob").shape[1]
+                p = lambda suffix: out / f"{job.name}_{suffix}"  # noqa: E731
+                _assemble(p("ims.npy"), img_files, "regions", (ib.num_regions, ib.region_dim), n, np_dtype)
+                _assemble(p("ims_global.npy"), img_files, "glob", (g_img,), n, np_dtype)
+                _assemble(p("txt_tokens.npy"), txt_files, "tokens", (lmax, tb.dim), m, np_dtype)
+                _assemble(p("txt_global.npy"), txt_files, "glob", (g_txt,), m, np_dtype)
+                with atomic_write(p("txt_lens.npy")) as fh:
+                    np.save(fh, lens, allow_pickle=False)
+                with atomic_write(p("txt_input_ids.npy")) as fh:
+                    np.save(fh, input_ids, allow_pickle=False)
+                _write_lines(p("img_ids.txt"), s.image_ids)
+                _write_lines(p("caps.txt"), job.captions)
+                _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
+                st = {"num_images": n, "num_captions": m, "max_len": int(lmax),
+                      "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
+                      "token_dim": int(tb.dim), "text_global_dim": int(g_txt),
+                      "images_computed": n_img, "image_seconds": round(t_img, 3),
+                      "images_per_s": round(n_img / t_img, 2) if t_img > 0 else None,
+                      "captions_computed": n_txt, "caption_seconds": round(t_txt, 3),
+                      "captions_per_s": round(n_txt / t_txt, 2) if t_txt > 0 else None}
+                atomic_save_json(st, done_path)
+                stats[job.name] = st
+                print(f"prepare: split {job.name}: {n} images, {m} captions; computed {n_img} images in {t_img:.1f} s"
+                      f" ({st['images_per_s']} images/s), {n_txt} captions in {t_txt:.1f} s"
+                      f" ({st['captions_per_s']} captions/s)", flush=True)
+        finally:
+            torch.set_num_threads(old_threads)
 
-    from aahr_fast.backbones import ImageBackbone, OpenCLIPGlobal, TextBackbone
-
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
-    counter = _ShardCounter()
-    ib = tb = clip = None
-    stats: dict[str, dict] = {}
-    try:
-        for job in jobs:
-            done_path = work / f"{job.name}.done"
-            if done_path.is_file() and all((out / f).is_file() for f in _split_files(job.name)):
-                stats[job.name] = json.loads(done_path.read_text())
-                continue
-            if ib is None:
-                ib = image_backbone if isinstance(image_backbone, ImageBackbone) else ImageBackbone(img_weights)
-                tb = text_backbone if isinstance(text_backbone, TextBackbone) else TextBackbone(txt_path)
-                if clip_checkpoint is not None:
-                    clip = OpenCLIPGlobal(clip_checkpoint, clip_model)
-                ib.eval()
-                tb.eval()
-            s = job.split
-            n, m = s.num_images, s.num_captions
-            ids_t, lens_t = tb.tokenize(job.captions)
-            input_ids = ids_t.numpy().astype(np.int32)
-            lens = lens_t.numpy().astype(np.int32)
-            lmax = input_ids.shape[1]
-
-            img_files, n_img, t_img = _image_shards(job, work, ib, clip, np_dtype, batch_size, shard_images,
-                                                    decode_workers, counter, progress)
-            txt_files, n_txt, t_txt = _text_shards(job, work, tb, clip, np_dtype, input_ids, lens,
-                                                   text_batch_size, shard_captions, counter, progress)
-            g_img = _load_npz(img_files[0], "glob").shape[1]
-            g_txt = _load_npz(txt_files[0], "glob").shape[1]
-            p = lambda suffix: out / f"{job.name}_{suffix}"  # noqa: E731
-            _assemble(p("ims.npy"), img_files, "regions", (ib.num_regions, ib.region_dim), n, np_dtype)
-            _assemble(p("ims_global.npy"), img_files, "glob", (g_img,), n, np_dtype)
-            _assemble(p("txt_tokens.npy"), txt_files, "tokens", (lmax, tb.dim), m, np_dtype)
-            _assemble(p("txt_global.npy"), txt_files, "glob", (g_txt,), m, np_dtype)
-            with atomic_write(p("txt_lens.npy")) as fh:
-                np.save(fh, lens, allow_pickle=False)
-            with atomic_write(p("txt_input_ids.npy")) as fh:
-                np.save(fh, input_ids, allow_pickle=False)
-            _write_lines(p("img_ids.txt"), s.image_ids)
-            _write_lines(p("caps.txt"), job.captions)
-            _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
-            st = {"num_images": n, "num_captions": m, "max_len": int(lmax),
-                  "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
-                  "token_dim": int(tb.dim), "text_global_dim": int(g_txt),
-                  "images_computed": n_img, "image_seconds": round(t_img, 3),
-                  "images_per_s": round(n_img / t_img, 2) if t_img > 0 else None,
-                  "captions_computed": n_txt, "caption_seconds": round(t_txt, 3),
-                  "captions_per_s": round(n_txt / t_txt, 2) if t_txt > 0 else None}
-            atomic_save_json(st, done_path)
-            stats[job.name] = st
-            print(f"prepare: split {job.name}: {n} images, {m} captions; computed {n_img} images in {t_img:.1f} s"
-                  f" ({st['images_per_s']} images/s), {n_txt} captions in {t_txt:.1f} s"
-                  f" ({st['captions_per_s']} captions/s)", flush=True)
-    finally:
-        torch.set_num_threads(old_threads)
-
-    files = {f: (out / f).stat().st_size for j in jobs for f in _split_files(j.name)}
-    first = stats[jobs[0].name]
-    meta = {
-        "format": FORMAT,
-        "content_hash": content_hash,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dataset": str(dataset_spec) if not isinstance(dataset_spec, Mapping) else "<in-memory splits>",
-        "dtype": dtype,
-        "num_images_option": num_images,
-        "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
-                           "num_regions": first["region_shape"][0], "region_dim": first["region_shape"][1],
-                           "regions": "7x7 grid of extract_features, row-major",
-                           "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
-                           "global_dim": first["image_global_dim"],
-                           "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
-        "text_backbone": {"name": Path(txt_path).name if Path(txt_path).name != "model" else
-                          Path(txt_path).parent.name, "path": txt_path, "token_dim": first["token_dim"],
-                          "global": "open_clip text vector" if clip_checkpoint else
-                          "mean of last_hidden_state over valid tokens, L2-normalised",
-                          "global_dim": first["text_global_dim"], "pad_id": 0,
-                          "lengths": "include [CLS] and [SEP]"},
-        "clip": backbones["clip"],
-        "splits": stats,
-        "config": config,
-        "files": files,
-        "wall_seconds": round(time.perf_counter() - t_start, 3),
-    }
-    atomic_save_json(meta, meta_path)
-    shutil.rmtree(work, ignore_errors=True)
-    summary = ", ".join(f"{k}: {v['num_images']} images / {v['num_captions']} captions" for k, v in stats.items())
-    print(f"prepare: wrote {out} ({summary}) in {meta['wall_seconds']:.1f} s", flush=True)
-    meta["noop"] = False
-    return meta
+        files = {f: (out / f).stat().st_size for j in jobs for f in _split_files(j.name)}
+        first = stats[jobs[0].name]
+        meta = {
+            "format": FORMAT,
+            "content_hash": content_hash,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "dataset": str(dataset_spec) if not isinstance(dataset_spec, Mapping) else "<in-memory splits>",
+            "dtype": dtype,
+            "num_images_option": num_images,
+            "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
+                               "num_regions": first["region_shape"][0], "region_dim": first["region_shape"][1],
+                               "regions": "7x7 grid of extract_features, row-major",
+                               "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
+                               "global_dim": first["image_global_dim"],
+                               "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
+            "text_backbone": {"name": Path(txt_path).name if Path(txt_path).name != "model" else
+                              Path(txt_path).parent.name, "path": txt_path, "token_dim": first["token_dim"],
+                              "global": "open_clip text vector" if clip_checkpoint else
+                              "mean of last_hidden_state over valid tokens, L2-normalised",
+                              "global_dim": first["text_global_dim"], "pad_id": 0,
+                              "lengths": "include [CLS] and [SEP]"},
+            "clip": backbones["clip"],
+            "splits": stats,
+            "config": config,
+            "files": files,
+            "wall_seconds": round(time.perf_counter() - t_start, 3),
+        }
+        atomic_save_json(meta, meta_path)
+        shutil.rmtree(work, ignore_errors=True)
+        summary = ", ".join(f"{k}: {v['num_images']} images / {v['num_captions']} captions" for k, v in stats.items())
+        print(f"prepare: wrote {out} ({summary}) in {meta['wall_seconds']:.1f} s", flush=True)
+        meta["noop"] = False
+        return meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:

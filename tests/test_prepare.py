@@ -209,6 +209,15 @@ def test_in_memory_split_with_line_break_and_config_errors(flickr8k_dir, backbon
     assert len(lines) == split.num_captions == meta["splits"]["dev"]["num_captions"]
     assert lines[0] == "A dog runs on the grass ."
 
+    import fcntl
+
+    with open(out / ".prepare.lock", "a") as fh:  # a concurrent run holds the folder
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another prepare run"):
+            prepare({"dev": split}, out, splits=("dev",), image_backbone=ib, text_backbone=tb, force=True,
+                    **dict(OPTS, num_images=None))
+    assert (out / "meta.json").is_file()  # the refused run touched nothing
+
     with pytest.raises(ConfigError, match="dtype"):
         prepare({"dev": split}, out, splits=("dev",), dtype="int8")
     with pytest.raises(ConfigError, match="no split 'train'"):
