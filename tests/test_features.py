@@ -236,3 +236,21 @@ def test_scan_dev_truncation(tmp_path, per_caption, ids_per_caption):
     full = FeatureSplit(tmp_path, "dev", dev_truncate=False)
     assert not full.index.truncated and full.num_images == 1014 and full.num_captions == 5070
     assert full.index.im_div == (5 if not ids_per_caption else 1)
+
+
+def test_pickle_does_not_copy_arrays(toy):
+    """DataLoader workers started with spawn/forkserver pickle the dataset: the mmaps must not travel."""
+    import pickle
+
+    fs = FeatureSplit(toy, "train")
+    blob = pickle.dumps(CaptionDataset(fs, train=True, seed=2))
+    assert len(blob) < (toy / "train_ims.npy").stat().st_size // 2
+    ds = pickle.loads(blob)
+    ref = CaptionDataset(fs, train=True, seed=2)
+    for c in (0, 77):
+        for k, v in ref[c].items():
+            np.testing.assert_array_equal(ds[c][k], v)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=collate_captions, num_workers=1,
+                                         multiprocessing_context="spawn")
+    first = next(iter(loader))
+    assert first["regions"].shape[0] == 16 and torch.all(first["region_lens"] >= 1)

@@ -153,6 +153,20 @@ class FeatureSplit:
                 raise DataError(f"{extra_paths['token_lens']}: row {c} has length {int(lens[c])}, "
                                 f"expected 1..{self.max_tokens}")
 
+    # ------------------------------------------------------------------ pickling (DataLoader workers)
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the memory-mapped arrays (a pickled ``np.memmap`` would copy the whole file);
+        :meth:`__setstate__` maps the files again. Matters for spawn/forkserver DataLoader workers."""
+        state = self.__dict__.copy()
+        state["_ims"] = None
+        state["_arrays"] = {k: None for k in self._arrays}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ims = _open_npy(self._paths["regions"])
+        self._arrays = {k: _open_npy(self._paths[k]) for k in self._arrays}
+
     # ------------------------------------------------------------------ validation
     def _check_shapes(self, rows: int, lines: int) -> None:
         a, p = self._arrays, self._paths
