@@ -35,10 +35,13 @@ REQUIRED_DIMS = ("region_dim", "img_global_dim", "token_dim", "txt_global_dim")
 
 
 def check_dims(dims: dict) -> dict:
-    """Validate the feature dims read from a feature folder's ``meta.json``; returns ``{name: int}``.
-    Raises ConfigError naming the missing / non-positive entry."""
+    """Validate the feature dims read from a feature folder's ``meta.json``; returns ``{name: int}`` with the
+    keys of :data:`REQUIRED_DIMS`. The short names of ``meta.json["dims"]`` (``region``, ``img_global``,
+    ``token``, ``txt_global``) are accepted too. Raises ConfigError naming the missing / non-positive entry."""
     if not isinstance(dims, dict):
         raise ConfigError(f"dims must be a dict with keys {REQUIRED_DIMS}, got {type(dims).__name__}")
+    # also accept the short names of a feature folder's meta.json "dims" entry (region, img_global, ...)
+    dims = {**{f"{k}_dim": v for k, v in dims.items() if not str(k).endswith("_dim")}, **dims}
     missing = [k for k in REQUIRED_DIMS if k not in dims]
     if missing:
         raise ConfigError(f"dims is missing {missing} (expected keys {REQUIRED_DIMS}); got {sorted(dims)}")

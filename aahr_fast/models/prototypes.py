@@ -2,7 +2,7 @@
 section 3 item 2; SwAV, Caron et al. 2020).
 
 ``K`` trainable prototypes in the joint space, initialised N(0, 1) and re-L2-normalised row-wise (in
-place, without gradient) at every forward pass, as SwAV and the authors' code do. The loss is
+place, without gradient) at every training forward pass, as SwAV and the authors' code do. The loss is
 ``aahr_fast.ops.swapped_prediction_loss``: Sinkhorn-Knopp codes (eps, 3 iterations, no gradient) of
 each modality are predicted from the other modality's prototype scores at temperature tau.
 """
@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from aahr_fast import ops
 from aahr_fast.utils.errors import DataError
@@ -48,6 +49,10 @@ class Prototypes(nn.Module):
         if f_v.dim() != 2 or f_v.shape != f_t.shape or f_v.shape[1] != self.weight.shape[1]:
             raise DataError(f"Prototypes: expected f_v, f_t of shape (B, {self.weight.shape[1]}), got "
                             f"{tuple(f_v.shape)} and {tuple(f_t.shape)}")
-        self.normalize_()
+        if self.training:
+            self.normalize_()
+            protos = self.weight
+        else:   # eval (e.g. a validation loss): leave the parameter untouched
+            protos = F.normalize(self.weight, dim=1)
         kw = {"backend": self.backend} if self.backend else {}
-        return ops.swapped_prediction_loss(f_v, f_t, self.weight, eps=self.eps, n_iters=self.n_iters, tau=self.tau, **kw)
+        return ops.swapped_prediction_loss(f_v, f_t, protos, eps=self.eps, n_iters=self.n_iters, tau=self.tau, **kw)
