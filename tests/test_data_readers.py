@@ -285,3 +285,30 @@ def test_open_dataset_dispatch(tmp_path):
     (tmp_path / "x.json").write_text("{\"foo\": 1}")
     with pytest.raises(DataError, match="neither COCO"):
         open_dataset(tmp_path / "x.json", "train")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.booleans())
+def test_precomp_any_caption_counts_property(tmp_path_factory, assignment, per_caption_rows):
+    """Prepared layout with any number of captions per image, in any order: rows in first-appearance
+    order of the per-caption ids; the reader recovers every caption's image."""
+    from aahr_fast.data.readers import precomp_index
+
+    d = tmp_path_factory.mktemp("prop")
+    ids = [f"img{a}" for a in assignment]
+    order = list(dict.fromkeys(ids))  # first-appearance order
+    n_rows = len(ids) if per_caption_rows else len(order)
+    feats = np.arange(n_rows, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    np.save(d / "test_ims.npy", feats)
+    (d / "test_caps.txt").write_text("".join(f"caption {c}\n" for c in range(len(ids))))
+    (d / "test_ids.txt").write_text("".join(x + "\n" for x in ids))
+    idx = precomp_index(d, "test")
+    s = idx.split
+    assert s.image_ids == order
+    assert [s.image_ids[i] for i in s.caption_image] == ids
+    ref = ids if idx.layout == "per_caption" else order  # what row r of the ims file was written for
+    for i, iid in enumerate(s.image_ids):
+        assert ref[int(idx.image_row[i])] == iid
