@@ -129,3 +129,13 @@ def test_bad_args(tmp_path):
         make_synthetic(tmp_path, 4, 2, 2, near_miss=1.5)
     with pytest.raises(DataError, match="train_scenes.json does not exist"):
         load_scenes(tmp_path, "train")
+
+
+def test_open_dataset_synthetic_default_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("AAHR_SYNTHETIC_DIR", raising=False)
+    monkeypatch.setenv("AAHR_CACHE", str(tmp_path))
+    a = open_dataset("synthetic", "test", n_train=3, n_dev=2, n_test=2)
+    b = open_dataset("synthetic", "test", n_train=3, n_dev=2, n_test=4)
+    assert a.num_images == 2 and b.num_images == 4
+    assert a.image_paths[0].parent != b.image_paths[0].parent  # per-config folders under the cache
+    assert all(p.is_relative_to(tmp_path / "synthetic") for p in a.image_paths + b.image_paths)

@@ -10,6 +10,7 @@ groups captions by ``caption_image`` and never assumes exactly 5 per image.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -485,8 +486,9 @@ def open_dataset(spec: str | os.PathLike, split: str, *, image_dir: str | os.Pat
     """Open ``split`` of the dataset named by ``spec``, picking the reader from what ``spec`` is.
 
     * ``"synthetic"`` or ``"synthetic:<root>"``: the procedurally rendered default dataset
-      (:func:`aahr_fast.data.synthetic.make_synthetic`; root default ``$AAHR_SYNTHETIC_DIR`` or
-      ``./data/synthetic``; ``synthetic_kwargs`` go to ``make_synthetic``);
+      (:func:`aahr_fast.data.synthetic.make_synthetic`; ``synthetic_kwargs`` go to ``make_synthetic``;
+      root default ``$AAHR_SYNTHETIC_DIR``, else ``<$AAHR_CACHE or ~/.cache/aahr_fast>/synthetic/<tag>``
+      with one tag per set of ``synthetic_kwargs``);
     * a folder with ``captions.txt``: Flickr8k (:func:`read_flickr8k`);
     * a folder with ``{split}_caps.txt``: SCAN precomp / prepared features (:func:`read_precomp`);
     * a ``.json`` with ``annotations``: COCO captions (:func:`read_coco_json`; ``image_dir`` default:
@@ -502,7 +504,12 @@ def open_dataset(spec: str | os.PathLike, split: str, *, image_dir: str | os.Pat
     if s == "synthetic" or s.startswith("synthetic:"):
         from aahr_fast.data.synthetic import make_synthetic
 
-        root = s.partition(":")[2] or os.environ.get("AAHR_SYNTHETIC_DIR") or "data/synthetic"
+        root = s.partition(":")[2] or os.environ.get("AAHR_SYNTHETIC_DIR")
+        if not root:  # one folder per configuration, so that different configs never overwrite each other
+            cache = Path(os.environ.get("AAHR_CACHE") or Path.home() / ".cache" / "aahr_fast")
+            key = json.dumps(synthetic_kwargs, sort_keys=True, default=str)
+            tag = "default" if not synthetic_kwargs else "cfg-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+            root = str(cache / "synthetic" / tag)
         splits = make_synthetic(root, **synthetic_kwargs)
         if split not in splits:
             raise DataError(f"synthetic dataset at {root}: unknown split {split!r}; has {sorted(splits)}")
