@@ -6,9 +6,8 @@ writes the files listed in docs/DESIGN.md ("Prepared feature folder")::
 
     {split}_ims.npy          (N, 49, 1280)  dtype    EfficientNet-Lite0 7x7 grid regions, one row per image
     {split}_ims_global.npy   (N, 1280)      dtype    mean of the regions (or OpenCLIP image vector)
-    {split}_img_ids.txt      N lines                 image id of each row of the two files above
     {split}_caps.txt         M lines                 captions (line breaks inside a caption -> spaces)
-    {split}_ids.txt          M lines                 image id of each caption
+    {split}_ids.txt          M lines                 image id of each caption (ims rows: first-appearance order)
     {split}_txt_tokens.npy   (M, Lmax, 384) dtype    MiniLM last_hidden_state, padded positions 0
     {split}_txt_lens.npy     (M,)           int32    token counts incl. [CLS]/[SEP]
     {split}_txt_global.npy   (M, 384)       dtype    masked mean of the tokens, L2-normalised (or OpenCLIP)
@@ -69,15 +68,27 @@ def _open_split(dataset_spec: Any, split: str) -> ImageTextSplit:
         if not isinstance(s, ImageTextSplit):
             raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected ImageTextSplit")
         return s
-    try:
-        from aahr_fast.data.readers import open_dataset
-    except ImportError:  # readers without the dispatcher: a Flickr8k folder still works
-        from aahr_fast.data.readers import read_flickr8k
+    from aahr_fast.data.readers import open_dataset
 
-        if (Path(dataset_spec) / "captions.txt").is_file():
-            return read_flickr8k(dataset_spec, split)
-        raise ConfigError(f"cannot open dataset {dataset_spec!r}: aahr_fast.data.readers.open_dataset missing")
     return open_dataset(dataset_spec, split)
+
+
+def _first_appearance_order(s: ImageTextSplit) -> ImageTextSplit:
+    """The split with its images reordered by first appearance in the caption list.
+
+    The prepared layout has one ims row per image and no image-id file of its own: readers
+    (``aahr_fast.data.readers.precomp_index``) take rows in first-appearance order of ``{split}_ids.txt``.
+    Captions keep their order. Identity (the same object) when images already are in that order.
+    """
+    _, first = np.unique(s.caption_image, return_index=True)  # every image has >= 1 caption
+    order = s.caption_image[np.sort(first)]
+    if np.array_equal(order, np.arange(s.num_images)):
+        return s
+    new_index = np.empty(s.num_images, dtype=np.int64)
+    new_index[order] = np.arange(s.num_images)
+    return ImageTextSplit(s.name, s.source, [s.image_ids[i] for i in order],
+                          None if s.image_paths is None else [s.image_paths[i] for i in order],
+                          s.captions, new_index[s.caption_image], s.caption_ids)
 
 
 def _clean_caption(text: str) -> str:
@@ -341,7 +352,7 @@ def _remove_stale_temps(folder: Path, stems: Iterable[str]) -> None:
 
 
 def _split_files(name: str) -> list[str]:
-    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "img_ids.txt", "caps.txt", "ids.txt",
+    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt",
                                      "txt_tokens.npy", "txt_lens.npy", "txt_global.npy", "txt_input_ids.npy")]
 
 
@@ -416,6 +427,7 @@ def prepare(
         s = _open_split(dataset_spec, name)
         if num_images is not None:
             s = s.subset(num_images)
+        s = _first_appearance_order(s)
         caps = [_clean_caption(c) for c in s.captions]
         jobs.append(_SplitJob(name, s, caps, {
             "num_images": s.num_images, "num_captions": s.num_captions,
@@ -516,10 +528,9 @@ def prepare(
                     np.save(fh, lens, allow_pickle=False)
                 with atomic_write(p("txt_input_ids.npy")) as fh:
                     np.save(fh, input_ids, allow_pickle=False)
-                _write_lines(p("img_ids.txt"), s.image_ids)
                 _write_lines(p("caps.txt"), job.captions)
                 _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
-                st = {"num_images": n, "num_captions": m, "max_len": int(lmax),
+                st = {"images": n, "captions": m, "num_images": n, "num_captions": m, "max_len": int(lmax),
                       "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
                       "token_dim": int(tb.dim), "text_global_dim": int(g_txt),
                       "images_computed": n_img, "image_seconds": round(t_img, 3),
@@ -536,6 +547,7 @@ def prepare(
 
         files = {f: (out / f).stat().st_size for j in jobs for f in _split_files(j.name)}
         first = stats[jobs[0].name]
+        vocab_size = json.loads((Path(txt_path) / "config.json").read_text()).get("vocab_size")
         meta = {
             "format": FORMAT,
             "content_hash": content_hash,
@@ -556,6 +568,10 @@ def prepare(
                               "global_dim": first["text_global_dim"], "pad_id": 0,
                               "lengths": "include [CLS] and [SEP]"},
             "clip": backbones["clip"],
+            "dims": {"region": first["region_shape"][1], "img_global": first["image_global_dim"],
+                     "token": first["token_dim"], "txt_global": first["text_global_dim"]},
+            "n_regions": first["region_shape"][0],
+            "vocab_size": vocab_size,
             "splits": stats,
             "config": config,
             "files": files,

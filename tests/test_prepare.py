@@ -25,7 +25,7 @@ N_IMG = 10  # per split: 20 real images in all
 OPTS = dict(num_images=N_IMG, shard_images=4, shard_captions=16, batch_size=3, text_batch_size=7, threads=1,
             progress=False)
 ARRAYS = ("ims", "ims_global", "txt_tokens", "txt_lens", "txt_global", "txt_input_ids")
-TEXTS = ("caps", "ids", "img_ids")
+TEXTS = ("caps", "ids")
 
 
 @pytest.fixture(autouse=True)
@@ -92,13 +92,12 @@ def test_layout_shapes_dtypes_and_meta(reference, flickr8k_dir):
         caps = (reference / f"{s}_caps.txt").read_text().splitlines()
         assert caps == split.captions
         assert (reference / f"{s}_ids.txt").read_text().splitlines() == [split.image_ids[i] for i in split.caption_image]
-        assert (reference / f"{s}_img_ids.txt").read_text().splitlines() == split.image_ids
         st = meta["splits"][s]
-        assert (st["num_images"], st["num_captions"], st["max_len"]) == (n, m, lmax)
+        assert (st["images"], st["captions"], st["max_len"]) == (n, m, lmax)
         assert st["images_computed"] == n and st["captions_computed"] == m
     assert meta["dtype"] == "float16" and len(meta["content_hash"]) == 64
-    assert meta["image_backbone"]["region_dim"] == 1280 and meta["image_backbone"]["num_regions"] == 49
-    assert meta["text_backbone"]["token_dim"] == 384
+    assert meta["dims"] == {"region": 1280, "img_global": 1280, "token": 384, "txt_global": 384}
+    assert meta["n_regions"] == 49 and meta["vocab_size"] == 30522
     assert set(meta["files"]) == {f"{s}_{a}.npy" for s in SPLITS for a in ARRAYS} | {
         f"{s}_{t}.txt" for s in SPLITS for t in TEXTS}
 
@@ -225,3 +224,37 @@ def test_in_memory_split_with_line_break_and_config_errors(flickr8k_dir, backbon
     featonly = ImageTextSplit("dev", "precomp-folder", real.image_ids, None, real.captions, real.caption_image)
     with pytest.raises(DataError, match="precomp-folder"):
         prepare({"dev": featonly}, tmp_path / "x", splits=("dev",))
+
+
+def test_feature_split_reads_prepared_folder(reference, flickr8k_dir):
+    """The folder is what aahr_fast.data.features.FeatureSplit expects (meta counts/dims checked there)."""
+    from aahr_fast.data.features import FeatureSplit
+
+    split = read_flickr8k(flickr8k_dir, "dev").subset(N_IMG)
+    fs = FeatureSplit(reference, "dev")
+    assert fs.image_ids == split.image_ids and fs.captions == split.captions
+    assert np.array_equal(fs.caption_image, split.caption_image)
+    ims = np.load(reference / "dev_ims.npy")
+    assert np.array_equal(fs.regions(4), ims[4].astype(fs.regions(4).dtype))
+    assert fs.token_len(7) == int(np.load(reference / "dev_txt_lens.npy")[7])
+
+
+def test_images_are_stored_in_first_appearance_order(flickr8k_dir, backbones, tmp_path):
+    """Captions listed image 2 first: rows follow ids.txt first appearance (the precomp reader's rule)."""
+    from aahr_fast.data.features import FeatureSplit
+
+    ib, tb = backbones
+    real = read_flickr8k(flickr8k_dir, "test").subset(3)
+    order = np.concatenate([np.flatnonzero(real.caption_image == i) for i in (2, 0, 1)])
+    order[[1, 6]] = order[[6, 1]]  # interleave: captions of images 2, 0, 2, ... (not contiguous)
+    split = ImageTextSplit("test", "memory", real.image_ids, real.image_paths,
+                           [real.captions[c] for c in order], real.caption_image[order])
+    out = tmp_path / "perm"
+    prepare({"test": split}, out, splits=("test",), image_backbone=ib, text_backbone=tb, **dict(OPTS, num_images=None))
+    ids = (out / "test_ids.txt").read_text().splitlines()
+    assert ids[0] == real.image_ids[2]
+    fs = FeatureSplit(out, "test")
+    assert fs.image_ids == [real.image_ids[i] for i in (2, 0, 1)]
+    with torch.inference_mode():
+        r, _ = ib(ib.preprocess([real.image_paths[2]]))
+    np.testing.assert_allclose(np.load(out / "test_ims.npy")[0].astype(np.float32), r[0].numpy(), atol=1e-2, rtol=1e-3)
