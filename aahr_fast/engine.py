@@ -77,6 +77,18 @@ __all__ = [
 ]
 
 
+#: Test hook (used by tests/test_resume.py): after this iteration the process prints
+#: ``STALLED <step>`` to stderr and sleeps, so a test can SIGKILL it at a known point. Unset: no-op.
+STALL_ENV = "AAHR_TRAIN_STALL_AFTER_STEP"
+_STALL_AFTER_STEP = int(os.environ.get(STALL_ENV, "-1") or -1)
+
+
+def _stall(step: int) -> None:
+    print(f"STALLED {step}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
 class NonFiniteLossError(AAHRError, RuntimeError):
     """Too many consecutive training steps had a non-finite loss or gradient; the run stopped."""
 
@@ -639,8 +651,11 @@ class Trainer:
                         self.metrics_log.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
                 every = cfg.run.save_every_steps
-                if every and p.step % every == 0 and p.batch_in_epoch < self.batches_per_epoch:
+                if (every and p.step % every == 0 and p.batch_in_epoch < self.batches_per_epoch
+                        and p.nonfinite_run == 0):
                     self._save(("last",))
+                if p.step == _STALL_AFTER_STEP:
+                    _stall(p.step)
             bar.close()
             self._end_epoch(time.perf_counter() - t_epoch)
         results = self._final_test()
