@@ -1,0 +1,544 @@
+// Fused region-word cross similarity on CPU: forward and backward of
+//   "relevance" (AAHR/SCAN: LeakyReLU cosine, L2 normalisation over words resp. regions, max, mean)
+//   "hard_mean" / "hard_lse" (CHAN hard assignment: max over regions, mean / temperature log-sum-exp over words).
+// Layout of the work and memory bound: see cross_similarity.h. The math follows the plain-PyTorch reference
+// aahr_fast/ops/cross_similarity.py (aahr-method.md section 2.6); derivations of the backward are inline.
+#include "cross_similarity.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace aahr_fast {
+namespace cpu {
+namespace {
+
+enum class Mode { Relevance, HardMean, HardLse };
+
+Mode parse_mode(c10::string_view mode) {
+  if (mode == "relevance") return Mode::Relevance;
+  if (mode == "hard_mean") return Mode::HardMean;
+  if (mode == "hard_lse") return Mode::HardLse;
+  TORCH_CHECK(false, "cross_similarity: mode must be 'relevance', 'hard_mean' or 'hard_lse', got '",
+              std::string(mode.data(), mode.size()), "'");
+}
+
+// max that propagates NaN (like torch.max): once a NaN is seen it stays.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
+
+template <typename T>
+inline T leaky(T c, T slope) {
+  return c > T(0) ? c : slope * c;
+}
+
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  T tmp[at::vec::Vectorized<T>::size()];
+  v.store(tmp);
+  T s = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+template <typename T>
+inline T hmax(const at::vec::Vectorized<T>& v) {
+  T tmp[at::vec::Vectorized<T>::size()];
+  v.store(tmp);
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) m = nan_max(m, tmp[k]);
+  return m;
+}
+
+// Tiling of the (caption x image) grid. Tile = cap_per_block captions x img_per_block images, sized so
+// that the score buffer is about rows x cols (AAHR_XSIM_TILE="ROWSxCOLS", default 256x256 fragments).
+struct Geometry {
+  int64_t bi = 0, bt = 0, d = 0;
+  std::vector<int64_t> roff, woff;
+  int64_t img_per_block = 1, cap_per_block = 1, n_iblk = 1, n_cblk = 1;
+  int64_t max_n = 0, max_l = 0, max_rows = 0, max_cols = 0;
+
+  int64_t i0(int64_t ib) const { return ib * img_per_block; }
+  int64_t i1(int64_t ib) const { return std::min(bi, (ib + 1) * img_per_block); }
+  int64_t j0(int64_t cb) const { return cb * cap_per_block; }
+  int64_t j1(int64_t cb) const { return std::min(bt, (cb + 1) * cap_per_block); }
+};
+
+void tile_target(int64_t& rows, int64_t& cols) {
+  rows = 256;
+  cols = 256;
+  if (const char* env = std::getenv("AAHR_XSIM_TILE")) {
+    long r = 0, c = 0;
+    if (std::sscanf(env, "%ldx%ld", &r, &c) == 2 && r > 0 && c > 0) {
+      rows = r;
+      cols = c;
+    }
+  }
+}
+
+Geometry make_geometry(const at::Tensor& region_lens, const at::Tensor& word_lens, int64_t d) {
+  Geometry g;
+  g.bi = region_lens.numel();
+  g.bt = word_lens.numel();
+  g.d = d;
+  g.roff = offsets_of(region_lens);
+  g.woff = offsets_of(word_lens);
+  for (int64_t i = 0; i < g.bi; ++i) g.max_n = std::max(g.max_n, g.roff[i + 1] - g.roff[i]);
+  for (int64_t j = 0; j < g.bt; ++j) g.max_l = std::max(g.max_l, g.woff[j + 1] - g.woff[j]);
+  int64_t target_rows, target_cols;
+  tile_target(target_rows, target_cols);
+  const double avg_n = double(g.roff.back()) / double(g.bi);
+  const double avg_l = double(g.woff.back()) / double(g.bt);
+  g.img_per_block = std::clamp<int64_t>(int64_t(std::lround(target_cols / avg_n)), 1, g.bi);
+  g.cap_per_block = std::clamp<int64_t>(int64_t(std::lround(target_rows / avg_l)), 1, g.bt);
+  g.n_iblk = ceil_div(g.bi, g.img_per_block);
+  g.n_cblk = ceil_div(g.bt, g.cap_per_block);
+  for (int64_t ib = 0; ib < g.n_iblk; ++ib) g.max_cols = std::max(g.max_cols, g.roff[g.i1(ib)] - g.roff[g.i0(ib)]);
+  for (int64_t cb = 0; cb < g.n_cblk; ++cb) g.max_rows = std::max(g.max_rows, g.woff[g.j1(cb)] - g.woff[g.j0(cb)]);
+  return g;
+}
+
+// Per-thread scratch of one pair block (N = regions of the image, L = words of the caption).
+template <typename T>
+struct Scratch {
+  std::vector<T> colss, colinv, coln, colmax, colaux, colc;
+  std::vector<T> rowinv, rown, rowaux, rowc;
+  std::vector<int64_t> colarg, rowarg;
+  Scratch(int64_t n, int64_t l)
+      : colss(n), colinv(n), coln(n), colmax(n), colaux(n), colc(n), rowinv(l), rown(l), rowaux(l), rowc(l),
+        colarg(n), rowarg(l) {}
+};
+
+// One tile's raw scores: buf (rows x cols) = W[row0:row0+rows] @ R[col0:col0+cols]^T.
+template <typename T>
+at::Tensor tile_scores(T* buf, const at::Tensor& W, const at::Tensor& R, int64_t row0, int64_t rows, int64_t col0,
+                       int64_t cols) {
+  at::Tensor out = at::from_blob(buf, {rows, cols}, W.options());
+  at::mm_out(out, W.narrow(0, row0, rows), R.narrow(0, col0, cols).t());
+  return out;
+}
+
+// Pass 1 of the relevance epilogue on one pair block p (L x N, leading dimension ld), in place:
+// p <- c = dot * iw * ir (the cosines); row / column sums of s^2 with s = LeakyReLU(c).
+template <typename T>
+inline void relevance_pass1(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
+                            Scratch<T>& sc) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec vslope(slope), vzero(T(0));
+  T* colss = sc.colss.data();
+  std::fill(colss, colss + N, T(0));
+  for (int64_t w = 0; w < L; ++w) {
+    T* row = p + w * ld;
+    const Vec viw(iw[w]);
+    Vec acc(T(0));
+    int64_t r = 0;
+    for (; r + V <= N; r += V) {
+      Vec c = Vec::loadu(row + r) * viw * Vec::loadu(ir + r);
+      c.store(row + r);
+      Vec s = Vec::blendv(c * vslope, c, c > vzero);
+      Vec s2 = s * s;
+      acc = acc + s2;
+      (Vec::loadu(colss + r) + s2).store(colss + r);
+    }
+    T rs = hsum(acc);
+    for (; r < N; ++r) {
+      T c = row[r] * iw[w] * ir[r];
+      row[r] = c;
+      T s = leaky(c, slope);
+      rs += s * s;
+      colss[r] += s * s;
+    }
+    sc.rown[w] = std::sqrt(rs);
+    sc.rowinv[w] = T(1) / (sc.rown[w] + eps);
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    sc.coln[r] = std::sqrt(colss[r]);
+    sc.colinv[r] = T(1) / (sc.coln[r] + eps);
+  }
+}
+
+// Forward of one (caption, image) pair block, relevance mode.
+//   t2i = mean_w max_r s[w,r] / (||s[:,r]|| + eps),  i2t = mean_r max_w s[w,r] / (||s[w,:]|| + eps).
+template <typename T>
+inline void relevance_pair_forward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
+                                   Scratch<T>& sc, T& t2i, T& i2t) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  relevance_pass1(p, ld, L, N, iw, ir, slope, eps, sc);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const Vec vslope(slope), vzero(T(0)), vninf(ninf);
+  T* colinv = sc.colinv.data();
+  T* colmax = sc.colmax.data();
+  std::fill(colmax, colmax + N, ninf);
+  T sum_t2i = 0;
+  for (int64_t w = 0; w < L; ++w) {
+    const T* row = p + w * ld;
+    const Vec vri(sc.rowinv[w]);
+    Vec vmax = vninf;
+    int64_t r = 0;
+    for (; r + V <= N; r += V) {
+      Vec c = Vec::loadu(row + r);
+      Vec s = Vec::blendv(c * vslope, c, c > vzero);
+      vmax = at::vec::maximum(vmax, s * Vec::loadu(colinv + r));
+      at::vec::maximum(Vec::loadu(colmax + r), s * vri).store(colmax + r);
+    }
+    T m = hmax(vmax);
+    for (; r < N; ++r) {
+      T s = leaky(row[r], slope);
+      m = nan_max(m, s * colinv[r]);
+      colmax[r] = nan_max(colmax[r], s * sc.rowinv[w]);
+    }
+    sum_t2i += m;
+  }
+  T sum_i2t = 0;
+  for (int64_t r = 0; r < N; ++r) sum_i2t += colmax[r];
+  t2i = sum_t2i / T(L);
+  i2t = sum_i2t / T(N);
+}
+
+// Word maxima of the hard-assignment mode: p <- c (cosines), m[w] = max_r c[w,r] (NaN propagates).
+template <typename T>
+inline void hard_word_max(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T* m) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec vninf(-std::numeric_limits<T>::infinity());
+  for (int64_t w = 0; w < L; ++w) {
+    T* row = p + w * ld;
+    const Vec viw(iw[w]);
+    Vec vmax = vninf;
+    int64_t r = 0;
+    for (; r + V <= N; r += V) {
+      Vec c = Vec::loadu(row + r) * viw * Vec::loadu(ir + r);
+      c.store(row + r);
+      vmax = at::vec::maximum(vmax, c);
+    }
+    T mx = hmax(vmax);
+    for (; r < N; ++r) {
+      T c = row[r] * iw[w] * ir[r];
+      row[r] = c;
+      mx = nan_max(mx, c);
+    }
+    m[w] = mx;
+  }
+}
+
+// Aggregate word maxima m[0..L): mean, or temperature * log sum exp(m / temperature) (stable form).
+template <typename T>
+inline T hard_aggregate(const T* m, int64_t L, Mode mode, T temperature) {
+  if (mode == Mode::HardMean) {
+    T s = 0;
+    for (int64_t w = 0; w < L; ++w) s += m[w];
+    return s / T(L);
+  }
+  T mm = -std::numeric_limits<T>::infinity();
+  for (int64_t w = 0; w < L; ++w) mm = nan_max(mm, m[w]);
+  if (std::isnan(mm)) return mm;
+  T s = 0;
+  for (int64_t w = 0; w < L; ++w) s += std::exp((m[w] - mm) / temperature);
+  return mm + temperature * std::log(s);
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, Mode mode, T slope, T eps,
+                  T temperature, const T* ir, const T* iw, T* out_a, T* out_b) {
+  const int64_t n_tiles = g.n_cblk * g.n_iblk;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(static_cast<size_t>(g.max_rows * g.max_cols));
+    Scratch<T> sc(g.max_n, g.max_l);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t cb = t / g.n_iblk, ib = t % g.n_iblk;
+      const int64_t j0 = g.j0(cb), j1 = g.j1(cb), i0 = g.i0(ib), i1 = g.i1(ib);
+      const int64_t row0 = g.woff[j0], rows = g.woff[j1] - row0;
+      const int64_t col0 = g.roff[i0], cols = g.roff[i1] - col0;
+      tile_scores(buf.data(), W, R, row0, rows, col0, cols);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t L = g.woff[j + 1] - g.woff[j];
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t N = g.roff[i + 1] - g.roff[i];
+          T* p = buf.data() + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
+          if (mode == Mode::Relevance) {
+            relevance_pair_forward(p, cols, L, N, iw + g.woff[j], ir + g.roff[i], slope, eps, sc,
+                                   out_a[j * g.bi + i], out_b[i * g.bt + j]);
+          } else {
+            hard_word_max(p, cols, L, N, iw + g.woff[j], ir + g.roff[i], sc.rowaux.data());
+            out_a[i * g.bt + j] = hard_aggregate(sc.rowaux.data(), L, mode, temperature);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Backward of one pair block, relevance mode. On entry p holds raw dot products; on exit
+// p holds d(loss)/d(dot) and gw / gr have += sum over the block of dc * c per word / region (the
+// gradient through the inverse feature norms is applied once at the end).
+//
+// t2i part (G1 = dL/dt2i / L): u[w,r] = s[w,r] / den[r], den[r] = n[r] + eps, n[r] = ||s[:,r]||;
+//   du[w,r] = G1 if r == argmax_r' u[w,r'] else 0;
+//   ds[w,r] = du[w,r] / den[r] - s[w,r] / n[r] * sum_w' du[w',r] s[w',r] / den[r]^2   (0 when n[r] = 0).
+// i2t part (G2 = dL/di2t / N): the same with the roles of w and r swapped.
+// dc = ds * (c > 0 ? 1 : slope); d(dot) = dc * iw[w] * ir[r].
+template <typename T>
+inline void relevance_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
+                                    T G1, T G2, Scratch<T>& sc, T* gw, T* gr) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  relevance_pass1(p, ld, L, N, iw, ir, slope, eps, sc);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T* colinv = sc.colinv.data();
+  T* colbest = sc.colmax.data();
+  int64_t* colarg = sc.colarg.data();
+  std::fill(colbest, colbest + N, ninf);
+  std::fill(colarg, colarg + N, int64_t(0));
+  T* a = sc.colaux.data();  // sum of s over the words whose best region is r
+  T* b = sc.rowaux.data();  // sum of s over the regions whose best word is w
+  std::fill(a, a + N, T(0));
+  std::fill(b, b + L, T(0));
+  // argmaxes: first maximal index wins (ties -> lowest index), NaN wins over numbers
+  for (int64_t w = 0; w < L; ++w) {
+    const T* row = p + w * ld;
+    const T ri = sc.rowinv[w];
+    T best = ninf;
+    int64_t arg = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      const T s = leaky(row[r], slope);
+      const T u = s * colinv[r];
+      if (u > best || (std::isnan(u) && !std::isnan(best))) {
+        best = u;
+        arg = r;
+      }
+      const T v = s * ri;
+      if (v > colbest[r] || (std::isnan(v) && !std::isnan(colbest[r]))) {
+        colbest[r] = v;
+        colarg[r] = w;
+      }
+    }
+    sc.rowarg[w] = arg;
+    sc.rowc[w] = row[arg];  // c at the word's best region
+    a[arg] += leaky(row[arg], slope);
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    const T c = p[colarg[r] * ld + r];
+    sc.colc[r] = c;
+    b[colarg[r]] += leaky(c, slope);
+  }
+  // dense coefficients: ds[w,r] = -s[w,r] * (ac[r] + bw[w]) + sparse terms
+  for (int64_t r = 0; r < N; ++r)
+    a[r] = sc.coln[r] > T(0) ? G1 * colinv[r] * colinv[r] * a[r] / sc.coln[r] : T(0);
+  for (int64_t w = 0; w < L; ++w)
+    b[w] = sc.rown[w] > T(0) ? G2 * sc.rowinv[w] * sc.rowinv[w] * b[w] / sc.rown[w] : T(0);
+  const Vec vslope(slope), vzero(T(0)), vone(T(1));
+  for (int64_t w = 0; w < L; ++w) {
+    T* row = p + w * ld;
+    const Vec vb(b[w]), viw(iw[w]);
+    Vec acc(T(0));
+    int64_t r = 0;
+    for (; r + V <= N; r += V) {
+      Vec c = Vec::loadu(row + r);
+      Vec gate = Vec::blendv(vslope, vone, c > vzero);
+      Vec s = c * gate;
+      Vec dc = (vzero - s) * (Vec::loadu(a + r) + vb) * gate;
+      Vec gcc = dc * c;
+      acc = acc + gcc;
+      (Vec::loadu(gr + r) + gcc).store(gr + r);
+      (dc * viw * Vec::loadu(ir + r)).store(row + r);
+    }
+    T gsum = hsum(acc);
+    for (; r < N; ++r) {
+      const T c = row[r];
+      const T gate = c > T(0) ? T(1) : slope;
+      const T dc = -(c * gate) * (a[r] + b[w]) * gate;
+      gsum += dc * c;
+      gr[r] += dc * c;
+      row[r] = dc * iw[w] * ir[r];
+    }
+    gw[w] += gsum;
+  }
+  // sparse terms: du / den at the argmax of each word (t2i) and of each region (i2t)
+  for (int64_t w = 0; w < L; ++w) {
+    const int64_t r = sc.rowarg[w];
+    const T c = sc.rowc[w];
+    const T dc = G1 * colinv[r] * (c > T(0) ? T(1) : slope);
+    p[w * ld + r] += dc * iw[w] * ir[r];
+    gw[w] += dc * c;
+    gr[r] += dc * c;
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t w = colarg[r];
+    const T c = sc.colc[r];
+    const T dc = G2 * sc.rowinv[w] * (c > T(0) ? T(1) : slope);
+    p[w * ld + r] += dc * iw[w] * ir[r];
+    gw[w] += dc * c;
+    gr[r] += dc * c;
+  }
+}
+
+// Backward of one pair block, hard modes: d sim / d m[w] = 1/L (mean) or softmax_w(m / temperature)
+// (lse); each word's gradient goes to its first best region only.
+template <typename T>
+inline void hard_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, Mode mode,
+                               T temperature, T G, Scratch<T>& sc, T* gw, T* gr) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T* m = sc.rowaux.data();
+  for (int64_t w = 0; w < L; ++w) {
+    T* row = p + w * ld;
+    T best = ninf;
+    int64_t arg = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      const T c = row[r] * iw[w] * ir[r];
+      if (c > best || (std::isnan(c) && !std::isnan(best))) {
+        best = c;
+        arg = r;
+      }
+    }
+    m[w] = best;
+    sc.rowarg[w] = arg;
+    std::fill(row, row + N, T(0));
+  }
+  T h = mode == Mode::HardLse ? hard_aggregate(m, L, mode, temperature) : T(0);
+  for (int64_t w = 0; w < L; ++w) {
+    const T dm = mode == Mode::HardMean ? G / T(L) : G * std::exp((m[w] - h) / temperature);
+    const int64_t r = sc.rowarg[w];
+    p[w * ld + r] = dm * iw[w] * ir[r];
+    gw[w] += dm * m[w];
+    gr[r] += dm * m[w];
+  }
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, Mode mode, T slope, T eps,
+                   T temperature, const T* ir, const T* iw, const T* grad_a, const T* grad_b, at::Tensor& dR,
+                   at::Tensor& dW, T* gr, T* gw) {
+  for_each_tile_conflict_free(g.n_cblk, g.n_iblk, [&](int64_t cb, int64_t ib) {
+    std::vector<T> buf(static_cast<size_t>(g.max_rows * g.max_cols));
+    Scratch<T> sc(g.max_n, g.max_l);
+    const int64_t j0 = g.j0(cb), j1 = g.j1(cb), i0 = g.i0(ib), i1 = g.i1(ib);
+    const int64_t row0 = g.woff[j0], rows = g.woff[j1] - row0;
+    const int64_t col0 = g.roff[i0], cols = g.roff[i1] - col0;
+    at::Tensor tile = tile_scores(buf.data(), W, R, row0, rows, col0, cols);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t L = g.woff[j + 1] - g.woff[j];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t N = g.roff[i + 1] - g.roff[i];
+        T* p = buf.data() + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
+        const T* iwp = iw + g.woff[j];
+        const T* irp = ir + g.roff[i];
+        if (mode == Mode::Relevance) {
+          const T G1 = grad_a[j * g.bi + i] / T(L);
+          const T G2 = grad_b[i * g.bt + j] / T(N);
+          relevance_pair_backward(p, cols, L, N, iwp, irp, slope, eps, G1, G2, sc, gw + g.woff[j], gr + g.roff[i]);
+        } else {
+          hard_pair_backward(p, cols, L, N, iwp, irp, mode, temperature, grad_a[i * g.bt + j], sc, gw + g.woff[j],
+                             gr + g.roff[i]);
+        }
+      }
+    }
+    dW.narrow(0, row0, rows).addmm_(tile, R.narrow(0, col0, cols));
+    dR.narrow(0, col0, cols).addmm_(tile.t(), W.narrow(0, row0, rows));
+  });
+}
+
+void check_inputs(const char* fn, const at::Tensor& regions, const at::Tensor& region_lens, const at::Tensor& words,
+                  const at::Tensor& word_lens) {
+  TORCH_CHECK(regions.device().is_cpu() && words.device().is_cpu(), fn, ": CPU tensors expected");
+  TORCH_CHECK(regions.dim() == 2 && words.dim() == 2, fn, ": packed (rows, D) regions and words expected, got ",
+              regions.sizes(), " and ", words.sizes());
+  TORCH_CHECK(regions.size(1) == words.size(1), fn, ": feature sizes differ: ", regions.size(1), " vs ",
+              words.size(1));
+  TORCH_CHECK(regions.scalar_type() == words.scalar_type(), fn, ": regions and words must have one dtype");
+  TORCH_CHECK(regions.scalar_type() == at::kFloat || regions.scalar_type() == at::kDouble, fn,
+              ": float32 or float64 expected, got ", regions.scalar_type());
+  TORCH_CHECK(region_lens.numel() >= 1 && word_lens.numel() >= 1, fn, ": empty batch");
+  TORCH_CHECK(region_lens.sum().item<int64_t>() == regions.size(0), fn, ": sum(region_lens) != regions rows");
+  TORCH_CHECK(word_lens.sum().item<int64_t>() == words.size(0), fn, ": sum(word_lens) != words rows");
+}
+
+at::Tensor inverse_norms(const at::Tensor& x, double eps) {
+  return at::linalg_vector_norm(x, 2, {1}, false, c10::nullopt).clamp_min(eps).reciprocal();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_similarity_forward(const at::Tensor& regions_in,
+                                                            const at::Tensor& region_lens_in,
+                                                            const at::Tensor& words_in, const at::Tensor& word_lens_in,
+                                                            c10::string_view mode_str, double negative_slope,
+                                                            double eps, double temperature) {
+  const Mode mode = parse_mode(mode_str);
+  check_inputs("cross_similarity_forward", regions_in, region_lens_in, words_in, word_lens_in);
+  const at::Tensor R = regions_in.contiguous(), W = words_in.contiguous();
+  const at::Tensor rl = region_lens_in.to(at::kLong).contiguous(), wl = word_lens_in.to(at::kLong).contiguous();
+  const Geometry g = make_geometry(rl, wl, R.size(1));
+  const at::Tensor ir = inverse_norms(R, eps), iw = inverse_norms(W, eps);
+  at::Tensor out_a, out_b;
+  if (mode == Mode::Relevance) {
+    out_a = at::empty({g.bt, g.bi}, R.options());
+    out_b = at::empty({g.bi, g.bt}, R.options());
+  } else {
+    out_a = at::empty({g.bi, g.bt}, R.options());
+    out_b = at::empty({0}, R.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "cross_similarity_forward", [&] {
+    forward_impl<scalar_t>(R, W, g, mode, scalar_t(negative_slope), scalar_t(eps), scalar_t(temperature),
+                           ir.data_ptr<scalar_t>(), iw.data_ptr<scalar_t>(), out_a.data_ptr<scalar_t>(),
+                           mode == Mode::Relevance ? out_b.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out_a, out_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(const at::Tensor& grad_a_in, const at::Tensor& grad_b_in,
+                                                             const at::Tensor& regions_in,
+                                                             const at::Tensor& region_lens_in,
+                                                             const at::Tensor& words_in,
+                                                             const at::Tensor& word_lens_in, c10::string_view mode_str,
+                                                             double negative_slope, double eps, double temperature) {
+  const Mode mode = parse_mode(mode_str);
+  check_inputs("cross_similarity_backward", regions_in, region_lens_in, words_in, word_lens_in);
+  const at::Tensor R = regions_in.contiguous(), W = words_in.contiguous();
+  const at::Tensor rl = region_lens_in.to(at::kLong).contiguous(), wl = word_lens_in.to(at::kLong).contiguous();
+  const Geometry g = make_geometry(rl, wl, R.size(1));
+  const at::Tensor grad_a = grad_a_in.to(R.scalar_type()).contiguous();
+  at::Tensor grad_b;
+  if (mode == Mode::Relevance) {
+    TORCH_CHECK(grad_a.numel() == g.bt * g.bi && grad_b_in.numel() == g.bi * g.bt,
+                "cross_similarity_backward: gradients must have shapes (Bt, Bi) and (Bi, Bt)");
+    grad_b = grad_b_in.to(R.scalar_type()).contiguous();
+  } else {
+    TORCH_CHECK(grad_a.numel() == g.bi * g.bt, "cross_similarity_backward: gradient must have shape (Bi, Bt)");
+  }
+  const at::Tensor rnorm = at::linalg_vector_norm(R, 2, {1}, false, c10::nullopt);
+  const at::Tensor wnorm = at::linalg_vector_norm(W, 2, {1}, false, c10::nullopt);
+  const at::Tensor ir = rnorm.clamp_min(eps).reciprocal(), iw = wnorm.clamp_min(eps).reciprocal();
+  at::Tensor dR = at::zeros_like(R), dW = at::zeros_like(W);
+  at::Tensor gr = at::zeros({R.size(0)}, R.options()), gw = at::zeros({W.size(0)}, W.options());
+  AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "cross_similarity_backward", [&] {
+    backward_impl<scalar_t>(R, W, g, mode, scalar_t(negative_slope), scalar_t(eps), scalar_t(temperature),
+                            ir.data_ptr<scalar_t>(), iw.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(),
+                            mode == Mode::Relevance ? grad_b.data_ptr<scalar_t>() : nullptr, dR, dW,
+                            gr.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>());
+  });
+  // through the inverse norms: d c / d x = iw ir y - c x / ||x||^2 (only where ||x|| > eps; clamped otherwise)
+  dR.addcmul_(R, (gr * ir * ir * rnorm.gt(eps).to(R.scalar_type())).unsqueeze(1), -1);
+  dW.addcmul_(W, (gw * iw * iw * wnorm.gt(eps).to(W.scalar_type())).unsqueeze(1), -1);
+  return {dR, dW};
+}
+
+}  // namespace cpu
+}  // namespace aahr_fast
+
+TORCH_LIBRARY_IMPL(aahr_fast, CPU, m) {
+  m.impl("cross_similarity_forward", &aahr_fast::cpu::cross_similarity_forward);
+  m.impl("cross_similarity_backward", &aahr_fast::cpu::cross_similarity_backward);
+}
