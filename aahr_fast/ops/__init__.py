@@ -11,6 +11,7 @@ Instance correlation (:mod:`.correlation`): :func:`intra_relevance`, :func:`topk
 Message passing (:mod:`.message_passing`): :func:`gcn_layer`, :func:`masked_attention`.
 Prototypes (:mod:`.prototypes`): :func:`sinkhorn`, :func:`swapped_prediction_loss`.
 """
+from . import _dispatch
 from ._dispatch import (
     BACKENDS,
     BackendFallbackWarning,
@@ -23,6 +24,10 @@ from .correlation import Correlation, instance_correlation, intra_relevance, top
 from .cross_similarity import fragment_word_relevance, hard_assignment_similarity
 from .message_passing import gcn_layer, masked_attention
 from .prototypes import sinkhorn, swapped_prediction_loss
+
+# The C++ CPU backends of the correlation, message-passing and prototype families live in
+# aahr_fast/ops/_cpp_<family>.py (they register themselves when the dispatcher imports them).
+_dispatch.add_plugin_module("cpp", "aahr_fast.ops._cpp_{family}")
 
 __all__ = [
     "BACKENDS",

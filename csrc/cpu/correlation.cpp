@@ -7,16 +7,18 @@
 //                     connection = [[top_k(S_vv), top_k(R_i2t)], [top_k(R_t2i), top_k(S_tt)]]
 //                     attn_bias  = lam * relevance where connected, -inf elsewhere
 //
-// Distances come from the Gram matrix G = X X^T (one GEMM per modality):
-// d_ij^2 = G_ii + G_jj - 2 G_ij, clamped at 0, computed from the upper triangle only so that the
-// distance and relevance matrices are exactly symmetric. The whole 2B x 2B assembly (distances,
-// exp, top-k, bias) is one parallel pass over the output rows.
+// Distances use exact differences, d_ij = sqrt(sum_k (x_ik - x_jk)^2) (no |a|^2 + |b|^2 - 2ab
+// cancellation, like the reference's cdist without mm), in 4 x 2 register tiles over the upper
+// triangle only, so the distance and relevance matrices are exactly symmetric. The ranking scores
+// of the intra-modal connection (v v^T, t t^T) are passed in by the caller. The 2B x 2B assembly
+// (exp, top-k, bias) is one parallel pass over the output rows.
 //
 // Backward of A w.r.t. X (a subgradient 0 where d_ij = 0, so the diagonal and duplicated rows
 // give no NaN): with Gt the total upstream gradient on an intra block,
-//   W_ij = -(Gt_ij + Gt_ji) * A_ij / (sigma * d_ij)   (0 where d_ij == 0)
-//   dX   = diag(W 1) X - W X                          (one GEMM)
-// Gt = grad_relevance + lam * connection * grad_attn_bias.
+//   W_ij  = -(Gt_ij + Gt_ji) * A_ij / (sigma * d_ij)   (0 where d_ij == 0)
+//   dX_i  = sum_j W_ij (x_i - x_j)                      (exact differences, register-tiled)
+// Gt = grad_relevance + lam * connection * grad_attn_bias. rel_i2t / rel_t2i are constants of the
+// op (the reference detaches them); their gradient is still available from the kernel.
 
 #include <torch/library.h>
 
@@ -32,23 +34,105 @@ namespace {
 
 using at::Tensor;
 
-// Row i of the intra-modal distance and relevance matrices from the Gram matrix `G` (B x B).
-// Writes dist_row[0..B) and rel_row[0..B).
+// Squared Euclidean distance of two rows of D elements, exact differences (no Gram cancellation).
 template <typename scalar_t>
-inline void intra_row(const scalar_t* G, int64_t B, int64_t i, scalar_t neg_inv_sigma,
-                      scalar_t* dist_row, scalar_t* rel_row) {
-  const scalar_t gii = G[i * B + i];
-  for (int64_t j = 0; j < B; ++j) {
-    const int64_t lo = j < i ? j : i, hi = j < i ? i : j;
-    const scalar_t d2 = gii + G[j * B + j] - scalar_t(2) * G[lo * B + hi];
-    dist_row[j] = d2 < scalar_t(0) ? scalar_t(0) : std::sqrt(d2);  // NaN stays NaN
+inline scalar_t sqdist(const scalar_t* a, const scalar_t* b, int64_t D) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec acc(scalar_t(0));
+  int64_t k = 0;
+  for (; k + Vec::size() <= D; k += Vec::size()) {
+    const Vec d = Vec::loadu(a + k) - Vec::loadu(b + k);
+    acc = at::vec::fmadd(d, d, acc);
   }
-  dist_row[i] = scalar_t(0);
-  exp_affine(rel_row, dist_row, B, neg_inv_sigma, scalar_t(0));
-  rel_row[i] = scalar_t(1);
+  scalar_t buf[Vec::size()];
+  acc.store(buf);
+  scalar_t s = 0;
+  for (int64_t j = 0; j < Vec::size(); ++j) s += buf[j];
+  for (; k < D; ++k) s += (a[k] - b[k]) * (a[k] - b[k]);
+  return s;
 }
 
-Tensor gram(const Tensor& x) { return at::mm(x, x.t()); }
+// 4 x 2 register tile of squared distances: rows i0..i0+3 against rows j0, j0+1.
+template <typename scalar_t>
+inline void sqdist_tile_4x2(const scalar_t* x, int64_t D, int64_t i0, int64_t j0,
+                            scalar_t out[4][2]) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = Vec(scalar_t(0));
+  const scalar_t* xj0 = x + j0 * D;
+  const scalar_t* xj1 = xj0 + D;
+  int64_t k = 0;
+  for (; k + Vec::size() <= D; k += Vec::size()) {
+    const Vec b0 = Vec::loadu(xj0 + k), b1 = Vec::loadu(xj1 + k);
+    for (int r = 0; r < 4; ++r) {
+      const Vec a = Vec::loadu(x + (i0 + r) * D + k);
+      const Vec d0 = a - b0, d1 = a - b1;
+      acc[r][0] = at::vec::fmadd(d0, d0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(d1, d1, acc[r][1]);
+    }
+  }
+  scalar_t buf[Vec::size()];
+  for (int r = 0; r < 4; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      acc[r][c].store(buf);
+      scalar_t s = 0;
+      for (int64_t j = 0; j < Vec::size(); ++j) s += buf[j];
+      const scalar_t* a = x + (i0 + r) * D;
+      const scalar_t* b = x + (j0 + c) * D;
+      for (int64_t kk = k; kk < D; ++kk) s += (a[kk] - b[kk]) * (a[kk] - b[kk]);
+      out[r][c] = s;
+    }
+  }
+}
+
+// Pairwise Euclidean distances of the rows of x (B x D, contiguous) into dist (B x B): computed
+// once per unordered pair (so exactly symmetric), diagonal exactly 0, NaN propagates.
+// Row tiles of 4 are processed in pairs (t, last - t) so the triangle splits evenly over threads.
+template <typename scalar_t>
+void pairwise_dist(const scalar_t* x, int64_t B, int64_t D, scalar_t* dist) {
+  const int64_t nt = (B + 3) / 4;
+  auto put = [&](int64_t i, int64_t j, scalar_t d2) {
+    const scalar_t d = d2 < scalar_t(0) ? scalar_t(0) : std::sqrt(d2);
+    dist[i * B + j] = d;
+    dist[j * B + i] = d;
+  };
+  auto do_tile = [&](int64_t t) {
+    const int64_t i0 = 4 * t;
+    if (i0 + 4 <= B) {
+      // pairs inside the tile and to its right; columns j >= i0
+      int64_t j = i0;
+      scalar_t out[4][2];
+      for (; j + 2 <= B; j += 2) {
+        sqdist_tile_4x2(x, D, i0, j, out);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 2; ++c)
+            if (j + c > i0 + r) put(i0 + r, j + c, out[r][c]);
+      }
+      for (; j < B; ++j)
+        for (int r = 0; r < 4; ++r)
+          if (j > i0 + r) put(i0 + r, j, sqdist(x + (i0 + r) * D, x + j * D, D));
+    } else {
+      for (int64_t i = i0; i < B; ++i)
+        for (int64_t j = i + 1; j < B; ++j) put(i, j, sqdist(x + i * D, x + j * D, D));
+    }
+    for (int64_t i = i0; i < std::min(B, i0 + 4); ++i) dist[i * B + i] = scalar_t(0);
+  };
+  at::parallel_for(0, (nt + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      do_tile(p);
+      if (nt - 1 - p != p) do_tile(nt - 1 - p);
+    }
+  });
+}
+
+// rel_row[j] = exp(-dist_row[j] / sigma) over B entries, rel_row[i] = 1.
+template <typename scalar_t>
+inline void relevance_row(const scalar_t* dist_row, int64_t B, int64_t i, scalar_t sigma,
+                          scalar_t* rel_row) {
+  for (int64_t j = 0; j < B; ++j) rel_row[j] = -dist_row[j] / sigma;
+  exp_affine(rel_row, rel_row, B, scalar_t(1), scalar_t(0));
+  rel_row[i] = scalar_t(1);
+}
 
 // ---------------------------------------------------------------------------------------------
 // intra_relevance(x (B,D), sigma) -> (relevance (B,B), dist (B,B))
@@ -56,62 +140,71 @@ std::tuple<Tensor, Tensor> intra_relevance_fwd(const Tensor& x_in, double sigma)
   check_cpu_float(x_in, "x", 2);
   TORCH_CHECK(sigma > 0, "sigma must be > 0, got ", sigma);
   const Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0);
-  const Tensor G = gram(x);
+  const int64_t B = x.size(0), D = x.size(1);
   Tensor rel = at::empty({B, B}, x.options());
   Tensor dist = at::empty({B, B}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "intra_relevance_fwd", [&] {
-    const scalar_t* g = G.data_ptr<scalar_t>();
     scalar_t* r = rel.data_ptr<scalar_t>();
     scalar_t* d = dist.data_ptr<scalar_t>();
-    const scalar_t nis = scalar_t(-1.0 / sigma);
+    pairwise_dist(x.data_ptr<scalar_t>(), B, D, d);
     at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) intra_row(g, B, i, nis, d + i * B, r + i * B);
+      for (int64_t i = b0; i < b1; ++i) relevance_row(d + i * B, B, i, scalar_t(sigma), r + i * B);
     });
   });
   return {rel, dist};
 }
 
-// W (B x B) from the total upstream gradient `gt` of an intra block (row stride ld_gt), the
-// relevance block (row stride ld_rel) and the distances; returns dX = diag(W 1) X - W X.
+// dX_i = sum_j W_ij (x_i - x_j) with W_ij = -(gt_ij + gt_ji) rel_ij / (sigma d_ij) (0 where
+// d_ij == 0), from the total upstream gradient `gt` of an intra block (row stride ld_gt), the
+// relevance block (row stride ld_rel) and the distances. Exact differences, as in the forward.
 template <typename scalar_t>
 Tensor intra_backward(const scalar_t* gt, int64_t ld_gt, const scalar_t* rel, int64_t ld_rel,
                       const scalar_t* dist, const Tensor& x, double sigma) {
-  const int64_t B = x.size(0);
-  Tensor W = at::empty({B, B}, x.options());
-  Tensor rs = at::empty({B}, x.options());
-  scalar_t* w = W.data_ptr<scalar_t>();
-  scalar_t* r = rs.data_ptr<scalar_t>();
-  const scalar_t inv_sigma = scalar_t(1.0 / sigma);
+  const int64_t B = x.size(0), D = x.size(1);
+  std::vector<scalar_t> Wbuf(B * B);
+  scalar_t* w = Wbuf.data();
+  const scalar_t sg = scalar_t(sigma);
   at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
-      scalar_t acc = 0;
       for (int64_t j = 0; j < B; ++j) {
         const scalar_t dij = dist[i * B + j];
-        scalar_t val = 0;
-        if (!(dij == scalar_t(0))) {  // NaN distances propagate
-          val = -(gt[i * ld_gt + j] + gt[j * ld_gt + i]) * rel[i * ld_rel + j] * inv_sigma / dij;
-        }
-        w[i * B + j] = val;
-        acc += val;
+        w[i * B + j] = dij == scalar_t(0)
+                           ? scalar_t(0)  // diagonal / duplicates: subgradient 0 (NaN propagates)
+                           : -(gt[i * ld_gt + j] + gt[j * ld_gt + i]) * rel[i * ld_rel + j] /
+                                 (sg * dij);
       }
-      r[i] = acc;
     }
   });
-  Tensor out = at::mm(W, x);  // W X
+  Tensor out = at::empty({B, D}, x.options());
   scalar_t* o = out.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  const int64_t D = x.size(1);
-  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t t0, int64_t t1) {
     using Vec = at::vec::Vectorized<scalar_t>;
-    for (int64_t i = b0; i < b1; ++i) {
-      const Vec ri(r[i]);
-      scalar_t* orow = o + i * D;
-      const scalar_t* xrow = xp + i * D;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = 4 * t;
+      const int ni = int(std::min<int64_t>(4, B - i0));
       int64_t k = 0;
-      for (; k + Vec::size() <= D; k += Vec::size())
-        at::vec::fmsub(ri, Vec::loadu(xrow + k), Vec::loadu(orow + k)).store(orow + k);
-      for (; k < D; ++k) orow[k] = r[i] * xrow[k] - orow[k];
+      for (; k + Vec::size() <= D; k += Vec::size()) {
+        Vec xi[4], acc[4];
+        for (int r = 0; r < ni; ++r) {
+          xi[r] = Vec::loadu(xp + (i0 + r) * D + k);
+          acc[r] = Vec(scalar_t(0));
+        }
+        for (int64_t j = 0; j < B; ++j) {
+          const Vec xj = Vec::loadu(xp + j * D + k);
+          for (int r = 0; r < ni; ++r)
+            acc[r] = at::vec::fmadd(Vec(w[(i0 + r) * B + j]), xi[r] - xj, acc[r]);
+        }
+        for (int r = 0; r < ni; ++r) acc[r].store(o + (i0 + r) * D + k);
+      }
+      for (; k < D; ++k) {
+        for (int r = 0; r < ni; ++r) {
+          const scalar_t xik = xp[(i0 + r) * D + k];
+          scalar_t acc = 0;
+          for (int64_t j = 0; j < B; ++j) acc += w[(i0 + r) * B + j] * (xik - xp[j * D + k]);
+          o[(i0 + r) * D + k] = acc;
+        }
+      }
     }
   });
   return out;
@@ -152,28 +245,33 @@ Tensor topk_connection(const Tensor& s_in, int64_t k) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// instance_correlation forward: one pass over the 2B output rows.
-// rank_intra_by_gram: rank intra-modal neighbours by the Gram matrix (cosine for unit rows,
-// HREM's rule) instead of by the relevance values.
+// instance_correlation forward. score_v / score_t (B x B) rank the intra-modal neighbours (the
+// caller passes v v^T and t t^T, computed exactly as the reference does so that ties agree);
+// rel_i2t / rel_t2i rank the inter-modal ones. Distances first (tiled), then one pass over the 2B
+// output rows: relevance, both connection blocks, attention bias.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> instance_fwd(
-    const Tensor& v_in, const Tensor& t_in, const Tensor& i2t_in, const Tensor& t2i_in,
-    double sigma, int64_t k_intra, int64_t k_inter, double lam, bool rank_intra_by_gram) {
+    const Tensor& v_in, const Tensor& t_in, const Tensor& sv_in, const Tensor& st_in,
+    const Tensor& i2t_in, const Tensor& t2i_in, double sigma, int64_t k_intra, int64_t k_inter,
+    double lam) {
   check_cpu_float(v_in, "v", 2);
   check_cpu_float(t_in, "t", 2);
+  check_cpu_float(sv_in, "score_v", 2);
+  check_cpu_float(st_in, "score_t", 2);
   check_cpu_float(i2t_in, "rel_i2t", 2);
   check_cpu_float(t2i_in, "rel_t2i", 2);
   TORCH_CHECK(sigma > 0, "sigma must be > 0, got ", sigma);
   const Tensor v = v_in.contiguous(), t = t_in.contiguous();
   const auto st = v.scalar_type();
-  TORCH_CHECK(t.scalar_type() == st && i2t_in.scalar_type() == st && t2i_in.scalar_type() == st,
-              "v, t, rel_i2t, rel_t2i must share one dtype");
-  const int64_t B = v.size(0);
+  for (const Tensor* x : {&t_in, &sv_in, &st_in, &i2t_in, &t2i_in})
+    TORCH_CHECK(x->scalar_type() == st, "v, t, scores, rel_i2t, rel_t2i must share one dtype");
+  const int64_t B = v.size(0), D = v.size(1);
   TORCH_CHECK(t.sizes() == v.sizes(), "t must have the shape of v ", v.sizes(), ", got ",
               t.sizes());
-  TORCH_CHECK(i2t_in.sizes() == at::IntArrayRef({B, B}) && t2i_in.sizes() == i2t_in.sizes(),
-              "rel_i2t and rel_t2i must be (", B, ", ", B, ")");
+  for (const Tensor* x : {&sv_in, &st_in, &i2t_in, &t2i_in})
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({B, B}), "scores and relevances must be (", B,
+                ", ", B, "), got ", x->sizes());
+  const Tensor sv = sv_in.contiguous(), stt = st_in.contiguous();
   const Tensor i2t = i2t_in.contiguous(), t2i = t2i_in.contiguous();
-  const Tensor Gv = gram(v), Gt = gram(t);
   const int64_t N = 2 * B;
   Tensor rel = at::empty({N, N}, v.options());
   Tensor conn = at::empty({N, N}, v.options().dtype(at::kBool));
@@ -181,16 +279,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> instance_fwd(
   Tensor dist_v = at::empty({B, B}, v.options());
   Tensor dist_t = at::empty({B, B}, v.options());
   AT_DISPATCH_FLOATING_TYPES(st, "instance_correlation_fwd", [&] {
-    const scalar_t* gv = Gv.data_ptr<scalar_t>();
-    const scalar_t* gt = Gt.data_ptr<scalar_t>();
+    scalar_t* dv = dist_v.data_ptr<scalar_t>();
+    scalar_t* dt = dist_t.data_ptr<scalar_t>();
+    pairwise_dist(v.data_ptr<scalar_t>(), B, D, dv);
+    pairwise_dist(t.data_ptr<scalar_t>(), B, D, dt);
+    const scalar_t* svp = sv.data_ptr<scalar_t>();
+    const scalar_t* stp = stt.data_ptr<scalar_t>();
     const scalar_t* ri2t = i2t.data_ptr<scalar_t>();
     const scalar_t* rt2i = t2i.data_ptr<scalar_t>();
     scalar_t* rp = rel.data_ptr<scalar_t>();
     bool* cp = conn.data_ptr<bool>();
     scalar_t* bp = bias.data_ptr<scalar_t>();
-    scalar_t* dv = dist_v.data_ptr<scalar_t>();
-    scalar_t* dt = dist_t.data_ptr<scalar_t>();
-    const scalar_t nis = scalar_t(-1.0 / sigma);
+    const scalar_t sg = scalar_t(sigma);
     const scalar_t lamc = scalar_t(lam);
     const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
     at::parallel_for(0, N, kRowGrain, [&](int64_t r0, int64_t r1) {
@@ -198,17 +298,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> instance_fwd(
       for (int64_t r = r0; r < r1; ++r) {
         const bool img = r < B;
         const int64_t i = img ? r : r - B;
-        const scalar_t* G = img ? gv : gt;
-        scalar_t* drow = (img ? dv : dt) + i * B;
         scalar_t* row = rp + r * N;
         bool* crow = cp + r * N;
         const int64_t intra0 = img ? 0 : B, inter0 = img ? B : 0;
-        intra_row(G, B, i, nis, drow, row + intra0);
+        relevance_row((img ? dv : dt) + i * B, B, i, sg, row + intra0);
         const scalar_t* inter_src = (img ? ri2t : rt2i) + i * B;
         std::copy(inter_src, inter_src + B, row + inter0);
-        topk_row_mask(rank_intra_by_gram ? G + i * B : row + intra0, B, k_intra, crow + intra0,
-                      idx);
-        topk_row_mask(row + inter0, B, k_inter, crow + inter0, idx);
+        topk_row_mask((img ? svp : stp) + i * B, B, k_intra, crow + intra0, idx);
+        topk_row_mask(inter_src, B, k_inter, crow + inter0, idx);
         scalar_t* brow = bp + r * N;
         for (int64_t j = 0; j < N; ++j) brow[j] = crow[j] ? lamc * row[j] : ninf;
       }
@@ -270,8 +367,8 @@ TORCH_LIBRARY_FRAGMENT(aahr_fast, m) {
       "-> Tensor");
   m.def("corr_topk_connection(Tensor scores, int k) -> Tensor");
   m.def(
-      "corr_instance_fwd(Tensor v, Tensor t, Tensor rel_i2t, Tensor rel_t2i, float sigma, "
-      "int k_intra, int k_inter, float lam, bool rank_intra_by_gram) "
+      "corr_instance_fwd(Tensor v, Tensor t, Tensor score_v, Tensor score_t, Tensor rel_i2t, "
+      "Tensor rel_t2i, float sigma, int k_intra, int k_inter, float lam) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "corr_instance_bwd(Tensor? grad_rel, Tensor? grad_bias, Tensor v, Tensor t, "

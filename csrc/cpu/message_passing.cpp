@@ -150,7 +150,8 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   check_cpu_float(q, "q", 3);
   check_cpu_float(k, "k", 3);
   check_cpu_float(v, "v", 3);
-  check_cpu_float(bias_in, "bias", 2);
+  TORCH_CHECK(bias_in.dim() == 2 || bias_in.dim() == 3, "bias must be (n, n) or (H, n, n), got ",
+              bias_in.sizes());
   const auto st = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st && bias_in.scalar_type() == st,
               "q, k, v, bias must share one dtype");
@@ -159,8 +160,10 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
               k.sizes());
   TORCH_CHECK(v.size(0) == H && v.size(1) == n, "v must be (", H, ", ", n, ", dv), got ",
               v.sizes());
-  TORCH_CHECK(bias_in.size(0) == n && bias_in.size(1) == n, "bias must be (", n, ", ", n,
-              "), got ", bias_in.sizes());
+  const bool per_head = bias_in.dim() == 3;
+  TORCH_CHECK(per_head ? bias_in.sizes() == at::IntArrayRef({H, n, n})
+                       : bias_in.sizes() == at::IntArrayRef({n, n}),
+              "bias must be (", n, ", ", n, ") or (", H, ", ", n, ", ", n, "), got ", bias_in.sizes());
   const Tensor bias = bias_in.contiguous();
   Tensor P = at::bmm(q, k.transpose(1, 2)).contiguous();  // (H, n, n) raw logits
   AT_DISPATCH_FLOATING_TYPES(st, "attn_fwd_softmax", [&] {
@@ -172,7 +175,7 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
       const Vec vsc(sc);
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = pp + r * n;
-        const scalar_t* brow = bp + (r % n) * n;
+        const scalar_t* brow = bp + (per_head ? r : r % n) * n;
         int64_t j = 0;
         for (; j + Vec::size() <= n; j += Vec::size())
           at::vec::fmadd(Vec::loadu(row + j), vsc, Vec::loadu(brow + j)).store(row + j);
@@ -200,7 +203,7 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const Tensor& q,
                                                     const Tensor& k, const Tensor& v,
                                                     const Tensor& P, double scale,
-                                                    std::array<bool, 4> needs) {
+                                                    bool per_head, std::array<bool, 4> needs) {
   const Tensor go = go_in.to(P.scalar_type());
   const int64_t H = P.size(0), n = P.size(1);
   const auto empty = at::empty({0}, P.options());
@@ -208,20 +211,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const T
   if (needs[2]) dv = at::bmm(P.transpose(1, 2), go);
   if (!(needs[0] || needs[1] || needs[3])) return {dq, dk, dv, db};
   Tensor dS = at::bmm(go, v.transpose(1, 2)).contiguous();  // dP, overwritten by dS * scale
-  Tensor dbias = needs[3] ? at::empty({n, n}, P.options()) : empty;
+  Tensor dbias = needs[3] ? (per_head ? at::empty({H, n, n}, P.options())
+                                       : at::empty({n, n}, P.options()))
+                          : empty;
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "attn_bwd_softmax", [&] {
     scalar_t* dp = dS.data_ptr<scalar_t>();
     const scalar_t* pp = P.data_ptr<scalar_t>();
     scalar_t* dbp = needs[3] ? dbias.data_ptr<scalar_t>() : nullptr;
     const scalar_t sc = scalar_t(scale);
-    // Rows i in parallel, heads inside: each task owns d_bias rows i, so no race.
+    // Rows i in parallel, heads inside: each task owns d_bias rows i (of every head), so no race;
+    // a shared (n, n) bias sums dS over the heads in a fixed order (deterministic).
     at::parallel_for(0, n, 4, [&](int64_t i0, int64_t i1) {
       using Vec = at::vec::Vectorized<scalar_t>;
       const Vec vsc(sc);
       for (int64_t i = i0; i < i1; ++i) {
-        scalar_t* dbrow = dbp ? dbp + i * n : nullptr;
-        if (dbrow) std::fill(dbrow, dbrow + n, scalar_t(0));
+        scalar_t* dbrow = nullptr;
+        if (dbp && !per_head) {
+          dbrow = dbp + i * n;
+          std::fill(dbrow, dbrow + n, scalar_t(0));
+        }
         for (int64_t h = 0; h < H; ++h) {
+          if (dbp && per_head) {
+            dbrow = dbp + (h * n + i) * n;
+            std::fill(dbrow, dbrow + n, scalar_t(0));
+          }
           scalar_t* drow = dp + (h * n + i) * n;
           const scalar_t* prow = pp + (h * n + i) * n;
           const scalar_t dl = row_dot(prow, drow, n);  // sum_j P_ij dP_ij
@@ -262,7 +275,7 @@ TORCH_LIBRARY_FRAGMENT(aahr_fast, m) {
       "mp_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> (Tensor, Tensor)");
   m.def(
       "mp_attn_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs, float scale, "
-      "bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool per_head_bias, bool[4] needs) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(aahr_fast, CPU, m) {

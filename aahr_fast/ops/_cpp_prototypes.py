@@ -1,0 +1,93 @@
+"""C++ CPU backend (``backend="cpp"``) of the prototype ops: autograd glue.
+
+Kernels: ``csrc/cpu/prototypes.cpp`` (``torch.ops.aahr_fast.proto_*``), built by :mod:`aahr_fast.ops._ext`.
+Registered into :mod:`aahr_fast.ops._dispatch` for :func:`~aahr_fast.ops.sinkhorn` and
+:func:`~aahr_fast.ops.swapped_prediction_loss`, with the semantics of the references in
+:mod:`aahr_fast.ops.prototypes` (aahr-method.md 2.5 and 3 item 2; SwAV):
+
+* ``sinkhorn``: SwAV Sinkhorn-Knopp in the log domain with dual potentials (two log-sum-exp sweeps per
+  iteration, no (K, B) temporaries); the codes are ``softmax_k(S / eps + u)``;
+* ``swapped_prediction_loss``: the scores of the batch and of the queues are written by GEMMs into one
+  buffer, the two Sinkhorn problems, both log-softmaxes, the loss and its closed-form score gradient
+  ``dS = (p * sum(q) - q) / (B tau)`` come from one C++ call; the backward is two GEMMs
+  (``dX = dS C``, ``dC = dS_v^T x_v + dS_t^T x_t``). No gradient reaches the queues or the codes.
+
+float32 and float64 run in C++; float16 / bfloat16 scores are computed in float32 (as the reference) and
+the loss falls back to the reference for them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ext
+from ._dispatch import register
+from .prototypes import swapped_prediction_loss_reference
+
+__all__ = ["sinkhorn_cpp", "swapped_prediction_loss_cpp"]
+
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def _lib():
+    _ext.load_extension()
+    return torch.ops.aahr_fast
+
+
+class _SwappedPredictionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
+        loss, dscores = _lib().proto_swap_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau, 1.0)
+        ctx.save_for_backward(dscores, x_v, x_t, prototypes)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dscores, x_v, x_t, prototypes = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:3])
+        if not any(needs):
+            return (None,) * 8
+        gv, gt, gc = _lib().proto_swap_bwd(grad, dscores, x_v, x_t, prototypes, needs)
+        return (gv if needs[0] else None, gt if needs[1] else None, gc if needs[2] else None) + (None,) * 5
+
+
+@torch.no_grad()
+def sinkhorn_cpp(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3) -> torch.Tensor:
+    """C++ implementation of :func:`aahr_fast.ops.sinkhorn`: (B, K) codes, rows summing to 1, no gradient.
+
+    Extra memory: one (B, K) copy of ``scores / eps``.
+    """
+    s = scores.detach()
+    out_dtype = s.dtype
+    if s.dtype not in _CPP_DTYPES:
+        s = s.float()
+    return _lib().proto_sinkhorn(s, float(eps), int(n_iters)).to(out_dtype)
+
+
+def swapped_prediction_loss_cpp(
+    x_v: torch.Tensor,
+    x_t: torch.Tensor,
+    prototypes: torch.Tensor,
+    *,
+    eps: float = 0.1,
+    n_iters: int = 3,
+    tau: float = 0.1,
+    queue_v: Optional[torch.Tensor] = None,
+    queue_t: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """C++ implementation of :func:`aahr_fast.ops.swapped_prediction_loss` (same arguments, value, gradients).
+
+    Extra memory: the ((B + Qv) + (B + Qt), K) scores, the (2B, K) codes and the (2B, K) score gradient
+    kept for the backward.
+    """
+    if x_v.dtype not in _CPP_DTYPES:
+        return swapped_prediction_loss_reference(x_v, x_t, prototypes, eps=eps, n_iters=n_iters, tau=tau,
+                                                 queue_v=queue_v, queue_t=queue_t)
+    qv = queue_v.detach() if queue_v is not None else None
+    qt = queue_t.detach() if queue_t is not None else None
+    return _SwappedPredictionFn.apply(x_v, x_t, prototypes, qv, qt, float(eps), int(n_iters), float(tau))
+
+
+register("sinkhorn", "cpp", sinkhorn_cpp)
+register("swapped_prediction_loss", "cpp", swapped_prediction_loss_cpp)
