@@ -206,15 +206,17 @@ def write_toy_features(
         counts[split] = {"images": n_img, "captions": m}
 
     meta = {
-        "format": "aahr_fast.features",
-        "version": 1,
-        "image_backbone": "toy",
-        "text_backbone": "toy",
+        "format": "aahr_fast.prepared/1",  # the layout aahr_fast.prepare writes
+        "toy": True,
+        "image_backbone": {"name": "toy", "num_regions": n_regions, "region_dim": region_dim,
+                           "global_dim": global_img_dim},
+        "text_backbone": {"name": "toy", "token_dim": token_dim, "global_dim": global_txt_dim, "pad_id": 0,
+                          "lengths": "include [CLS] and [SEP]"},
         "dims": {"region": region_dim, "img_global": global_img_dim, "token": token_dim,
                  "txt_global": global_txt_dim},
         "n_regions": n_regions,
         "max_tokens": max_tokens,
-        "dtype": {"ims": "float16", "txt_tokens": "float16", "ims_global": "float32", "txt_global": "float32"},
+        "dtype": "float16",  # regions and token features; global vectors are float32
         "vocab_size": len(vocab),
         "splits": counts,
         "config": config,
