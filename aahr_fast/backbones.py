@@ -328,8 +328,10 @@ class OpenCLIPGlobal(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(model_name)
         size = getattr(self.model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = torch.tensor(getattr(open_clip, "OPENAI_DATASET_MEAN", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = torch.tensor(getattr(open_clip, "OPENAI_DATASET_STD", (0.26862954, 0.26130258, 0.27577711)))
+        self.register_buffer("mean", torch.tensor(
+            getattr(open_clip, "OPENAI_DATASET_MEAN", (0.48145466, 0.4578275, 0.40821073))), persistent=False)
+        self.register_buffer("std", torch.tensor(
+            getattr(open_clip, "OPENAI_DATASET_STD", (0.26862954, 0.26130258, 0.27577711))), persistent=False)
         self.name = f"open_clip:{model_name}:{Path(checkpoint_path).name}"
 
     def train(self, mode: bool = True) -> "OpenCLIPGlobal":
@@ -347,11 +349,12 @@ class OpenCLIPGlobal(nn.Module):
             if im.size != (self.image_size, self.image_size):
                 im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
             arrs.append(np.asarray(im, dtype=np.uint8))
-        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0).to(self.mean.device)
         x = (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
-        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
         """``M`` captions -> ``(M,D)`` float32 L2-normalised CLIP text vectors (77-token context, truncating)."""
-        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(captions))).float(), dim=-1)
+        tokens = self.tokenizer(list(captions)).to(self.mean.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()

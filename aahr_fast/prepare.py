@@ -261,13 +261,14 @@ def _image_shards(job: _SplitJob, work: Path, image_backbone, clip, dtype, batch
                 if j + 1 < len(batches):  # decode the next batch while this one runs through the network
                     pending = decode(a + batches[j + 1][0], a + batches[j + 1][1])
                 with torch.inference_mode():
-                    r, g = image_backbone(image_backbone.normalize(np.stack(imgs)))
+                    dev = next(image_backbone.parameters()).device
+                    r, g = image_backbone(image_backbone.normalize(np.stack(imgs)).to(dev))
                     if clip is not None:
                         g = clip.encode_images(imgs)
                 if glob is None:
                     glob = np.empty((b - a, g.shape[1]), dtype)
-                regions[lo:hi] = r.numpy().astype(dtype)
-                glob[lo:hi] = g.numpy().astype(dtype)
+                regions[lo:hi] = r.float().cpu().numpy().astype(dtype)
+                glob[lo:hi] = g.float().cpu().numpy().astype(dtype)
                 bar.update(hi - lo)
             _save_npz(f, regions=regions, glob=glob)
             counter.wrote()
@@ -305,13 +306,14 @@ def _text_shards(job: _SplitJob, work: Path, text_backbone, clip, dtype, input_i
             width = int(ln.max())
             ids = torch.from_numpy(input_ids[a + idx, :width].astype(np.int64))
             with torch.inference_mode():
-                t, g = text_backbone(ids, torch.from_numpy(ln.astype(np.int64)))
+                dev = next(text_backbone.parameters()).device
+                t, g = text_backbone(ids.to(dev), torch.from_numpy(ln.astype(np.int64)).to(dev))
                 if clip is not None:
                     g = clip.encode_texts([job.captions[a + i] for i in idx])
             if glob is None:
                 glob = np.empty((b - a, g.shape[1]), dtype)
-            tokens[idx, :width] = t.numpy().astype(dtype)
-            glob[idx] = g.numpy().astype(dtype)
+            tokens[idx, :width] = t.float().cpu().numpy().astype(dtype)
+            glob[idx] = g.float().cpu().numpy().astype(dtype)
             bar.update(hi - lo)
         _save_npz(f, tokens=tokens, glob=glob)
         counter.wrote()
@@ -374,6 +376,7 @@ def prepare(
     shard_captions: int = 4096,
     threads: int | None = None,
     decode_workers: int = 2,
+    device: str | None = None,
     clip_checkpoint: str | os.PathLike | None = None,
     clip_model: str = "ViT-B-32",
     force: bool = False,
@@ -397,6 +400,8 @@ def prepare(
         decode_workers: threads decoding JPEGs ahead of the network.
         clip_checkpoint / clip_model: optional local OpenCLIP checkpoint; its vectors replace the global files.
         force: rebuild even when ``meta.json`` says the folder is up to date.
+        device: torch device for the backbones (default: ``"cuda"`` when available, else ``"cpu"``); the
+            features are computed in float32 on any device.
         progress: show tqdm bars.
     Returns:
         The ``meta.json`` content (dict). ``meta["noop"]`` is True when nothing had to be done.
@@ -504,8 +509,11 @@ def prepare(
                     tb = text_backbone if isinstance(text_backbone, TextBackbone) else TextBackbone(txt_path)
                     if clip_checkpoint is not None:
                         clip = OpenCLIPGlobal(clip_checkpoint, clip_model)
-                    ib.eval()
-                    tb.eval()
+                    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                    ib.to(dev).eval()
+                    tb.to(dev).eval()
+                    if clip is not None:
+                        clip.to(dev)
                 s = job.split
                 n, m = s.num_images, s.num_captions
                 ids_t, lens_t = tb.tokenize(job.captions)
@@ -600,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--image-weights", default=None, help="EfficientNet-Lite0 .pth (default: packaged)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--decode-workers", type=int, default=2, help="JPEG decoding threads")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--shard-images", type=int, default=512, help="images per resumable shard")
     ap.add_argument("--shard-captions", type=int, default=4096, help="captions per resumable shard")
     ap.add_argument("--clip-checkpoint", default=None, help="optional local OpenCLIP checkpoint for global vectors")
@@ -611,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(a.dataset, a.out_dir, splits=[s for s in a.splits.split(",") if s], batch_size=a.batch_size,
                 dtype=a.dtype, num_images=a.num_images, text_backbone=a.text_backbone,
                 image_backbone=a.image_weights, text_batch_size=a.text_batch_size, shard_images=a.shard_images,
-                shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers,
+                shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers, device=a.device,
                 clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force,
                 progress=not a.no_progress)
     except AAHRError as e:
