@@ -1,0 +1,264 @@
+"""Shared helpers of the Triton kernels: launch policy, dot precision, and a strided matmul.
+
+Everything here is written against the Triton >= 3.6 language (``tl.dot(..., input_precision=)``,
+``tl.reshape``, ``tl.atomic_add``); nothing newer is used. The same kernels run
+
+* on CUDA tensors, compiled by Triton for the GPU, and
+* on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` in the environment *before*
+  this module is imported), which is how the test-suite checks them on machines without a GPU.
+
+Interpreter facts that shape the code (see ``shared/docs/toolchain.md``): bf16 ``tl.dot`` returns
+garbage there, so bf16 operands are up-cast to fp32 before every dot when interpreting; every load
+and store is masked, because out-of-bounds accesses are not detected; the interpreter's cost grows
+with the number of programs, so the launch helpers pick large blocks when interpreting.
+
+Index arithmetic: every row/column index is widened to int64 *before* it is multiplied by a stride,
+so offsets stay exact for tensors with more than 2**31 elements (e.g. a COCO-5K gallery of 25,000
+captions x 32 tokens x 1024 dims is 8.2e8 elements; with batch offsets products exceed int32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "interpreting",
+    "next_pow2",
+    "dot_config",
+    "num_sms",
+    "matmul",
+    "leaky_relu_backward_colsum",
+    "check_triton_tensor",
+]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum) (Triton block extents must be powers of two)."""
+    return max(int(minimum), triton.next_power_of_2(max(int(n), 1)))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (used to size split-K style grids); 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dot_config(*dtypes: torch.dtype) -> tuple[bool, str]:
+    """Decide how ``tl.dot`` treats operands of the given storage dtypes.
+
+    Returns:
+        ``(fp32_dot, precision)``: ``fp32_dot`` is True when the operands are cast to fp32 before the
+        dot (fp32 inputs, mixed dtypes, or bf16 under the interpreter, where bf16 dots are broken);
+        ``precision`` is the ``input_precision`` of fp32 dots: ``"tf32"`` only when
+        ``torch.backends.cuda.matmul.allow_tf32`` is set (mirroring torch's own matmul policy,
+        ~1e-3 relative error); otherwise ``"tf32x3"`` on GPU (three TF32 tensor-core products,
+        ~fp32 accuracy; plain ``"ieee"`` would fall back to CUDA-core FMAs, several times slower and
+        register-hungry) and ``"ieee"`` under the interpreter (exact fp32).
+    Accumulation is always fp32.
+    """
+    dts = set(dtypes)
+    fp32_dot = (
+        torch.float32 in dts
+        or torch.float64 in dts
+        or len(dts) > 1
+        or (interpreting() and torch.bfloat16 in dts)
+    )
+    if interpreting():
+        return fp32_dot, "ieee"
+    return fp32_dot, ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3")
+
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_triton_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
+    """Validate a floating input of a Triton op.
+
+    Raises:
+        ValueError: wrong rank, unsupported dtype (fp32/fp16/bf16 only), or a CPU tensor while the
+            Triton interpreter is off (a CPU launch would fail deep inside Triton with
+            ``0 active drivers``).
+    """
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _SUPPORTED:
+        raise ValueError(f"{name}: Triton backend supports float32/float16/bfloat16, got {t.dtype}")
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name}: the Triton backend needs CUDA tensors (got {t.device}); CPU tensors only run "
+            "under the Triton interpreter (TRITON_INTERPRET=1 set before importing aahr_fast.kernels)"
+        )
+
+
+@triton.jit
+def fdot(a, b, acc, FP32_DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; operands up-cast to fp32 when FP32_DOT."""
+    if FP32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _mm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+    slope,
+    HAS_BIAS: tl.constexpr, LEAKY: tl.constexpr, ACCUMULATE: tl.constexpr,
+    FP32_DOT: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rk0 = tl.arange(0, BK).to(tl.int64)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + rk0
+        mk = rk < K
+        a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=mm[:, None] & mk[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=mk[:, None] & mn[None, :], other=0.0)
+        acc = fdot(a, b, acc, FP32_DOT, PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if LEAKY:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    cmask = mm[:, None] & mn[None, :]
+    if ACCUMULATE:
+        acc = acc + tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+def _mm_blocks(M: int, N: int, K: int) -> tuple[int, int, int, int]:
+    if interpreting():
+        return next_pow2(M, 16) if M <= 128 else 128, next_pow2(N, 16) if N <= 128 else 128, 128 if K > 64 else next_pow2(K, 16), 4
+    bm = 64 if M <= 64 else 128
+    bn = 64 if N <= 64 else 128
+    return bm, bn, 32, 4 if bm * bn <= 64 * 128 else 8
+
+
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    leaky_slope: float | None = None,
+    accumulate: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Strided matmul ``out (M,N) [+]= act(a (M,K) @ b (K,N) + bias (N,))`` in one Triton kernel.
+
+    Any strides (transposed views are free), fp32/fp16/bf16 operands, fp32 accumulation, int64 offsets.
+    Epilogue: optional bias add and LeakyReLU (``leaky_slope``), or accumulation into ``out``.
+    Used by the GCN layer (``act(A (X W) + b)``) and the prototype-loss backward.
+
+    Args:
+        a, b: 2-D tensors on the same device.
+        out: optional preallocated (M,N) output (required when ``accumulate``).
+        bias: optional (N,) bias.
+        leaky_slope: LeakyReLU negative slope applied after the bias; None = identity.
+        accumulate: add into ``out`` instead of overwriting it.
+        out_dtype: dtype of a fresh output (default: ``a.dtype``).
+    Returns:
+        The (M,N) output tensor.
+    Raises:
+        ValueError: shape mismatch, or ``accumulate`` without ``out``.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: incompatible shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[1]
+    if out is None:
+        if accumulate:
+            raise ValueError("matmul: accumulate=True needs out=")
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
+    elif tuple(out.shape) != (M, N):
+        raise ValueError(f"matmul: out has shape {tuple(out.shape)}, expected {(M, N)}")
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        if not accumulate:
+            out.zero_()
+            if bias is not None:
+                out += bias
+            if leaky_slope is not None:
+                out.copy_(torch.nn.functional.leaky_relu(out, leaky_slope))
+        return out
+    bm, bn, bk, warps = _mm_blocks(M, N, K)
+    fp32_dot, prec = dot_config(a.dtype, b.dtype)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _mm_kernel[grid](
+        a, b, out, bias if bias is not None else out,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        float(leaky_slope or 0.0),
+        HAS_BIAS=bias is not None, LEAKY=leaky_slope is not None, ACCUMULATE=accumulate,
+        FP32_DOT=fp32_dot, PREC=prec, BM=bm, BN=bn, BK=bk, num_warps=warps,
+    )
+    return out
+
+
+@triton.jit
+def _leaky_bwd_colsum_kernel(
+    g_ptr, y_ptr, dpre_ptr, dbias_ptr,
+    M, N,
+    s_gm, s_gn, s_ym, s_yn,
+    slope,
+    HAS_DBIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    mn = rn < N
+    colsum = tl.zeros((BN,), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM).to(tl.int64)
+        msk = (rm < M)[:, None] & mn[None, :]
+        g = tl.load(g_ptr + rm[:, None] * s_gm + rn[None, :] * s_gn, mask=msk, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=msk, other=0.0).to(tl.float32)
+        d = tl.where(y > 0, g, g * slope)
+        tl.store(dpre_ptr + rm[:, None] * N + rn[None, :], d, mask=msk)
+        colsum += tl.sum(d, axis=0)
+    if HAS_DBIAS:
+        tl.store(dbias_ptr + rn, colsum, mask=mn)
+
+
+def leaky_relu_backward_colsum(
+    grad_out: torch.Tensor, out: torch.Tensor, slope: float, want_colsum: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused LeakyReLU backward + bias gradient: ``dpre = g * (y > 0 ? 1 : slope)``, ``db = dpre.sum(0)``.
+
+    ``y`` is the LeakyReLU *output* (its sign equals the pre-activation's for slope > 0, so the
+    pre-activation need not be saved). Shapes (M,N); returns fp32 ``dpre`` (contiguous) and fp32 ``db`` (N,).
+    """
+    M, N = grad_out.shape
+    dpre = torch.empty((M, N), device=grad_out.device, dtype=torch.float32)
+    db = torch.empty((N,), device=grad_out.device, dtype=torch.float32) if want_colsum else None
+    if M == 0 or N == 0:
+        if db is not None:
+            db.zero_()
+        return dpre, db
+    bn = 128 if interpreting() else 64
+    bm = 128 if interpreting() else 64
+    _leaky_bwd_colsum_kernel[(triton.cdiv(N, bn),)](
+        grad_out, out, dpre, db if db is not None else dpre,
+        M, N, grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),
+        float(slope), HAS_DBIAS=want_colsum, BM=bm, BN=bn,
+    )
+    return dpre, db

@@ -1,0 +1,239 @@
+"""Triton kernels of the clustering-prototype loss: log-domain Sinkhorn-Knopp and the SwAV
+swapped-prediction loss (forward + backward).
+
+Sinkhorn (aahr-method.md 2.5; SwAV ``distributed_sinkhorn``): with ``Z = S / eps`` (B,K), the
+reference's iterations {each prototype row of ``Q = exp(Z)^T`` normalised to 1/K, each sample column
+to 1/B} are carried by two dual potentials, ``log Q[k,b] = Z[b,k] + u[b] + v[k]``:
+
+    v[k] = -log K - LSE_b (Z[b,k] + u[b]);    u[b] = -log B - LSE_k (Z[b,k] + v[k])
+
+starting from u = 0 (the initial division by the total sum is a constant shift that the first row
+normalisation removes exactly). Codes = ``exp(Z + u + v + log B)``; each row sums to 1. One kernel
+streams columns (v), one streams rows (u; on the last iteration it also writes the codes); all
+reductions are online log-sum-exps in fp32, so no exp overflows for any ``S / eps``.
+
+Swapped prediction (aahr-method.md 3, item 2): ``loss = -1/B sum_i sum_k q_t[i,k] log softmax(S_v[i]/tau)_k
+- 1/B sum_i sum_k q_v[i,k] log softmax(S_t[i]/tau)_k``. One row-streaming kernel computes both row
+losses and the score gradients ``dS_v = (softmax(S_v/tau) * sum_k q_t - q_t) / (tau B)`` (likewise
+for t); the embedding and prototype gradients are then strided matmuls (``dx = dS C``,
+``dC = dS_v^T x_v + dS_t^T x_t``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import interpreting, matmul, next_pow2
+
+__all__ = ["sinkhorn_codes", "swav_loss_forward", "swav_loss_backward"]
+
+
+@triton.jit
+def _sk_col_kernel(s_ptr, u_ptr, v_ptr, Bt, K, s_b, s_k, inv_eps, log_k, BM: tl.constexpr, BK: tl.constexpr):
+    """v[k] = -log K - LSE_b (S[b,k]/eps + u[b]) for a block of BK prototypes (grid over K)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rk = pid * BK + tl.arange(0, BK).to(tl.int64)
+    mk = rk < K
+    m = tl.full((BK,), float("-inf"), tl.float32)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    for b0 in range(0, Bt, BM):
+        rb = b0 + tl.arange(0, BM).to(tl.int64)
+        mb = rb < Bt
+        msk = mb[:, None] & mk[None, :]
+        s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rb, mask=mb, other=0.0)
+        z = tl.where(msk, s * inv_eps + u[:, None], float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[None, :]), axis=0)
+        m = m_new
+    lse = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    tl.store(v_ptr + rk, -log_k - lse, mask=mk)
+
+
+@triton.jit
+def _sk_row_kernel(s_ptr, u_ptr, v_ptr, q_ptr, Bt, K, s_b, s_k, s_qb, s_qk, inv_eps, log_b,
+                   WRITE_CODES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """u[b] = -log B - LSE_k (S[b,k]/eps + v[k]) for a block of BM samples; optionally the codes."""
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid * BM + tl.arange(0, BM).to(tl.int64)
+    mb = rb < Bt
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
+        mk = rk < K
+        msk = mb[:, None] & mk[None, :]
+        s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rk, mask=mk, other=0.0)
+        z = tl.where(msk, s * inv_eps + v[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    u = -log_b - lse
+    tl.store(u_ptr + rb, u, mask=mb)
+    if WRITE_CODES:
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK).to(tl.int64)
+            mk = rk < K
+            msk = mb[:, None] & mk[None, :]
+            s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rk, mask=mk, other=0.0)
+            code = tl.exp(s * inv_eps + u[:, None] + v[None, :] + log_b)
+            tl.store(q_ptr + rb[:, None] * s_qb + rk[None, :] * s_qk, code.to(q_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _swav_loss_kernel(
+    sv_ptr, st_ptr, qv_ptr, qt_ptr, dsv_ptr, dst_ptr, loss_ptr,
+    B, K, s_sv0, s_sv1, s_st0, s_st1, s_qv0, s_qv1, s_qt0, s_qt1,
+    inv_tau, inv_b,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Per row i: loss_i = -sum_k q_t log softmax(S_v/tau) - sum_k q_v log softmax(S_t/tau) and dS (fp32)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid * BM + tl.arange(0, BM).to(tl.int64)
+    mb = rb < B
+    # pass 1: online log-sum-exp of both logit rows, sum of both code rows, and sum_k q * logits
+    mv = tl.full((BM,), float("-inf"), tl.float32)
+    lv = tl.zeros((BM,), dtype=tl.float32)
+    mt = tl.full((BM,), float("-inf"), tl.float32)
+    lt = tl.zeros((BM,), dtype=tl.float32)
+    sqt = tl.zeros((BM,), dtype=tl.float32)
+    sqv = tl.zeros((BM,), dtype=tl.float32)
+    dotv = tl.zeros((BM,), dtype=tl.float32)
+    dott = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
+        msk = mb[:, None] & (rk < K)[None, :]
+        zv = tl.load(sv_ptr + rb[:, None] * s_sv0 + rk[None, :] * s_sv1, mask=msk, other=0.0).to(tl.float32) * inv_tau
+        zt = tl.load(st_ptr + rb[:, None] * s_st0 + rk[None, :] * s_st1, mask=msk, other=0.0).to(tl.float32) * inv_tau
+        qv = tl.load(qv_ptr + rb[:, None] * s_qv0 + rk[None, :] * s_qv1, mask=msk, other=0.0).to(tl.float32)
+        qt = tl.load(qt_ptr + rb[:, None] * s_qt0 + rk[None, :] * s_qt1, mask=msk, other=0.0).to(tl.float32)
+        zv_m = tl.where(msk, zv, float("-inf"))
+        zt_m = tl.where(msk, zt, float("-inf"))
+        nv = tl.maximum(mv, tl.max(zv_m, axis=1))
+        nt = tl.maximum(mt, tl.max(zt_m, axis=1))
+        nv_s = tl.where(nv == float("-inf"), 0.0, nv)
+        nt_s = tl.where(nt == float("-inf"), 0.0, nt)
+        lv = lv * tl.exp(mv - nv_s) + tl.sum(tl.exp(zv_m - nv_s[:, None]), axis=1)
+        lt = lt * tl.exp(mt - nt_s) + tl.sum(tl.exp(zt_m - nt_s[:, None]), axis=1)
+        mv = nv
+        mt = nt
+        sqt += tl.sum(qt, axis=1)
+        sqv += tl.sum(qv, axis=1)
+        dotv += tl.sum(qt * zv, axis=1)
+        dott += tl.sum(qv * zt, axis=1)
+    lse_v = tl.where(lv > 0, mv + tl.log(tl.where(lv > 0, lv, 1.0)), 0.0)  # 0 only on padded rows
+    lse_t = tl.where(lt > 0, mt + tl.log(tl.where(lt > 0, lt, 1.0)), 0.0)
+    # -sum_k q log softmax(z) = sum_k q * lse - sum_k q z
+    row_loss = (sqt * lse_v - dotv) + (sqv * lse_t - dott)
+    tl.store(loss_ptr + rb, row_loss, mask=mb)
+    # pass 2: dS = (softmax(z) * sum_k q - q) / (tau * B)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
+        msk = mb[:, None] & (rk < K)[None, :]
+        zv = tl.load(sv_ptr + rb[:, None] * s_sv0 + rk[None, :] * s_sv1, mask=msk, other=0.0).to(tl.float32) * inv_tau
+        zt = tl.load(st_ptr + rb[:, None] * s_st0 + rk[None, :] * s_st1, mask=msk, other=0.0).to(tl.float32) * inv_tau
+        qv = tl.load(qv_ptr + rb[:, None] * s_qv0 + rk[None, :] * s_qv1, mask=msk, other=0.0).to(tl.float32)
+        qt = tl.load(qt_ptr + rb[:, None] * s_qt0 + rk[None, :] * s_qt1, mask=msk, other=0.0).to(tl.float32)
+        dsv = (tl.exp(zv - lse_v[:, None]) * sqt[:, None] - qt) * (inv_tau * inv_b)
+        dst = (tl.exp(zt - lse_t[:, None]) * sqv[:, None] - qv) * (inv_tau * inv_b)
+        tl.store(dsv_ptr + rb[:, None] * K + rk[None, :], dsv, mask=msk)
+        tl.store(dst_ptr + rb[:, None] * K + rk[None, :], dst, mask=msk)
+
+
+def _sk_blocks(Bt: int, K: int) -> tuple[int, int]:
+    if interpreting():
+        return min(next_pow2(Bt, 16), 256), min(next_pow2(K, 16), 512)
+    return 32, 128
+
+
+def sinkhorn_codes(scores: torch.Tensor, eps: float, n_iters: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sinkhorn-Knopp codes (B,K) of ``scores`` (B,K) (any strides, fp32/fp16/bf16), rows summing to 1.
+
+    Raises:
+        ValueError: ``n_iters < 1``.
+    """
+    if n_iters < 1:
+        raise ValueError(f"sinkhorn_codes: n_iters must be >= 1, got {n_iters}")
+    Bt, K = scores.shape
+    dev = scores.device
+    codes = torch.empty((Bt, K), device=dev, dtype=out_dtype or scores.dtype)
+    u = torch.zeros((Bt,), device=dev, dtype=torch.float32)
+    v = torch.empty((K,), device=dev, dtype=torch.float32)
+    bm, bk = _sk_blocks(Bt, K)
+    inv_eps = 1.0 / float(eps)
+    for it in range(n_iters):
+        _sk_col_kernel[(triton.cdiv(K, bk),)](
+            scores, u, v, Bt, K, scores.stride(0), scores.stride(1), inv_eps, math.log(K), BM=bm, BK=bk, num_warps=4,
+        )
+        _sk_row_kernel[(triton.cdiv(Bt, bm),)](
+            scores, u, v, codes, Bt, K, scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1),
+            inv_eps, math.log(Bt), WRITE_CODES=(it == n_iters - 1), BM=bm, BK=bk, num_warps=4,
+        )
+    return codes
+
+
+def swav_loss_forward(x_v, x_t, prototypes, eps: float, n_iters: int, tau: float, queue_v=None, queue_t=None):
+    """Forward of the swapped-prediction loss.
+
+    Returns:
+        ``(loss (0-dim fp32), ds_v (B,K) fp32, ds_t (B,K) fp32)``: the score gradients of a unit
+        upstream gradient, kept for the backward.
+    """
+    B = x_v.shape[0]
+    K = prototypes.shape[0]
+    ct = prototypes.t()
+    full_v = x_v if queue_v is None else torch.cat([x_v, queue_v], dim=0)
+    full_t = x_t if queue_t is None else torch.cat([x_t, queue_t], dim=0)
+    s_v_all = matmul(full_v, ct, out_dtype=torch.float32)
+    s_t_all = matmul(full_t, ct, out_dtype=torch.float32)
+    q_v = sinkhorn_codes(s_v_all, eps, n_iters, torch.float32)[:B]
+    q_t = sinkhorn_codes(s_t_all, eps, n_iters, torch.float32)[:B]
+    s_v, s_t = s_v_all[:B], s_t_all[:B]
+    ds_v = torch.empty((B, K), device=x_v.device, dtype=torch.float32)
+    ds_t = torch.empty((B, K), device=x_v.device, dtype=torch.float32)
+    rows = torch.empty((B,), device=x_v.device, dtype=torch.float32)
+    bm = min(next_pow2(B, 16), 64) if interpreting() else 16
+    bk = min(next_pow2(K, 16), 512) if interpreting() else 128
+    _swav_loss_kernel[(triton.cdiv(B, bm),)](
+        s_v, s_t, q_v, q_t, ds_v, ds_t, rows, B, K,
+        s_v.stride(0), s_v.stride(1), s_t.stride(0), s_t.stride(1),
+        q_v.stride(0), q_v.stride(1), q_t.stride(0), q_t.stride(1),
+        1.0 / float(tau), 1.0 / B, BM=bm, BK=bk, num_warps=4,
+    )
+    return rows.sum() / B, ds_v, ds_t
+
+
+def swav_loss_backward(grad, x_v, x_t, prototypes, ds_v, ds_t, needs=(True, True, True)):
+    """``(d x_v, d x_t, d prototypes)`` fp32 for upstream gradient ``grad`` (0-dim), None where not needed."""
+    gv = ds_v * grad
+    gt = ds_t * grad
+    d_xv = matmul(gv, prototypes, out_dtype=torch.float32) if needs[0] else None
+    d_xt = matmul(gt, prototypes, out_dtype=torch.float32) if needs[1] else None
+    d_c = None
+    if needs[2]:
+        d_c = matmul(gv.t(), x_v, out_dtype=torch.float32)
+        matmul(gt.t(), x_t, out=d_c, accumulate=True)
+    return d_xv, d_xt, d_c
+
+
+def _aot_exercise(dtype: torch.dtype) -> None:
+    """Run every launcher of this module once on tiny CPU tensors (for :mod:`._aot` capture)."""
+    B, K, D = 6, 10, 16
+    x = torch.randn(B, D).to(dtype)
+    c = torch.randn(K, D).to(dtype)
+    sinkhorn_codes(torch.randn(B, K).to(dtype), 0.1, 2)
+    loss, dsv, dst = swav_loss_forward(x, x, c, 0.1, 2, 0.1, queue_v=x, queue_t=x)
+    swav_loss_backward(torch.ones(()), x, x, c, dsv, dst)
+
+
+from aahr_fast.ops import _triton_glue as _glue  # noqa: E402  (registers the "triton" backend)
+
+_glue.register_family("prototypes")
