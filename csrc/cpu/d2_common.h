@@ -32,7 +32,8 @@ inline void check_cpu_float(const at::Tensor& t, const char* name, int64_t dim) 
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
-// out[i] = exp(scale * in[i] + shift) over n elements, vectorised.
+// out[i] = exp(scale * in[i] + shift) over n elements, vectorised. The tail goes through the same
+// vector exp (partial load/store), so an element's value never depends on its position.
 template <typename scalar_t>
 inline void exp_affine(scalar_t* out, const scalar_t* in, int64_t n, scalar_t scale,
                        scalar_t shift) {
@@ -43,7 +44,10 @@ inline void exp_affine(scalar_t* out, const scalar_t* in, int64_t n, scalar_t sc
     Vec x = Vec::loadu(in + i);
     at::vec::fmadd(x, vs, vb).exp().store(out + i);
   }
-  for (; i < n; ++i) out[i] = std::exp(scale * in[i] + shift);
+  if (i < n) {
+    const int rest = static_cast<int>(n - i);
+    at::vec::fmadd(Vec::loadu(in + i, rest), vs, vb).exp().store(out + i, rest);
+  }
 }
 
 // Maximum of n elements (n >= 1); NaN propagates like torch.max.
