@@ -24,6 +24,8 @@ host: deterministic, no atomics. The chain rule through the L2 normalisation of 
 applied on the host (:func:`unnormalize_grad`).
 
 Argmax ties (equal scores of two regions for one word) route the gradient to the lowest index.
+NaN: a NaN cosine in a valid slot makes the scores of its (image, caption) pair NaN, as in the
+reference (``tl.max`` alone would silently skip it); gradients of such pairs are unspecified.
 """
 from __future__ import annotations
 
@@ -120,6 +122,9 @@ def _xsim_fwd_kernel(
     bi = tl.arange(0, BI).to(tl.int64)
     bt = tl.arange(0, BT).to(tl.int64)
     omask = ((i0 + bi) < Bi)[:, None] & ((t0 + bt) < Bt)[None, :]
+    # a NaN cosine in a valid slot makes its pair NaN (like torch.max in the reference); tl.max drops NaN
+    nan4 = tl.where(valid & (cos4 != cos4), 1, 0)
+    nan_pair = tl.max(tl.max(nan4, axis=3), axis=1) > 0  # (BI, BT)
     if MODE == 0:
         p = tl.where(valid, tl.where(cos4 > 0, cos4, cos4 * slope), 0.0)
         psq = p * p
@@ -133,6 +138,8 @@ def _xsim_fwd_kernel(
         q2 = tl.where(valid, p / den_r[:, None, :, :], float("-inf"))
         mr = tl.max(q2, axis=3)  # (BI, NP, BT)
         i2t = tl.sum(tl.where(rv3, mr, 0.0), axis=1) / rlen_f[:, None]
+        t2i = tl.where(nan_pair, float("nan"), t2i)
+        i2t = tl.where(nan_pair, float("nan"), i2t)
         tl.store(o1_ptr + (t0 + bt)[None, :] * s_o1t + (i0 + bi)[:, None] * s_o1i, t2i, mask=omask)
         tl.store(o2_ptr + (t0 + bt)[None, :] * s_o2t + (i0 + bi)[:, None] * s_o2i, i2t, mask=omask)
     else:
@@ -146,6 +153,7 @@ def _xsim_fwd_kernel(
             zmax = tl.where(zmax == float("-inf"), 0.0, zmax)  # padded pairs: no -inf - -inf
             zs = tl.sum(tl.where(wv3, tl.exp(tl.where(wv3, z, 0.0) - zmax[:, :, None]), 0.0), axis=2)
             sim = (zmax + tl.log(tl.maximum(zs, 1e-30))) / inv_temp
+        sim = tl.where(nan_pair, float("nan"), sim)
         tl.store(o1_ptr + (t0 + bt)[None, :] * s_o1t + (i0 + bi)[:, None] * s_o1i, sim, mask=omask)
 
 
