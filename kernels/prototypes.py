@@ -84,7 +84,7 @@ def _sk_row_kernel(s_ptr, u_ptr, v_ptr, q_ptr, Bt, K, s_b, s_k, s_qb, s_qk, inv_
             msk = mb[:, None] & mk[None, :]
             s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + rk, mask=mk, other=0.0)
-            code = tl.exp(s * inv_eps + u[:, None] + v[None, :] + log_b)
+            code = tl.where(msk, tl.exp(s * inv_eps + u[:, None] + v[None, :] + log_b), 0.0)
             tl.store(q_ptr + rb[:, None] * s_qb + rk[None, :] * s_qk, code.to(q_ptr.dtype.element_ty), mask=msk)
 
 
