@@ -7,7 +7,8 @@
 //   1/K, then every sample's mass over the K prototypes to 1/N; finally Q * N. With
 //   L = S / eps and log Q_bk = L_bk + u_k + v_b the iterations are
 //     u_k = -log K - logsumexp_b(L_bk + v_b),   v_b = -log N - logsumexp_k(L_bk + u_k)
-//   (the global normalisation and previous potentials cancel out), and the returned codes are
+//   (the global normalisation and previous potentials cancel out; L is first shifted by its column
+//   maxima, which the first column step absorbs), and the returned codes are
 //   codes_bk = exp(L_bk + u_k + v_b + log N) = softmax_k(L_bk + u_k): rows sum to 1.
 //   With n_iters = 0 the codes are N * exp(L - logsumexp_all(L)). Only the first `rows_out`
 //   rows are returned (queue rows take part in the normalisation but their codes are not needed).
@@ -118,6 +119,26 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
   }
   const scalar_t logN = std::log(scalar_t(N));
   const int64_t col_grain = std::max<int64_t>(Vec<scalar_t>::size() * 8, 64);
+  // Shift every column by its maximum (the first column step absorbs any per-column constant, so
+  // the codes are unchanged): near-maximal entries are then exact (Sterbenz) and the potentials stay
+  // O(log N + log K) instead of O(max |S| / eps), which keeps float32 accurate for huge S / eps.
+  at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
+    using V = Vec<scalar_t>;
+    scalar_t* m = cm.data();
+    std::fill(m + k0, m + k1, -std::numeric_limits<scalar_t>::infinity());
+    for (int64_t b = 0; b < N; ++b) {
+      const scalar_t* row = L + b * K;
+      int64_t k = k0;
+      for (; k + V::size() <= k1; k += V::size())
+        at::vec::maximum(V::loadu(m + k), V::loadu(row + k)).store(m + k);
+      for (; k < k1; ++k) m[k] = (std::isnan(row[k]) || row[k] > m[k]) ? row[k] : m[k];
+    }
+    for (int64_t k = k0; k < k1; ++k) m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
+    for (int64_t b = 0; b < N; ++b) {
+      scalar_t* row = L + b * K;
+      for (int64_t k = k0; k < k1; ++k) row[k] -= m[k];
+    }
+  });
   for (int64_t it = 0; it < n_iters; ++it) {
     at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
       col_step(L, v.data(), N, K, k0, k1, u.data(), cm.data(), cs.data());
