@@ -437,6 +437,16 @@ def test_compact_ranked_lists_are_exact_subsequences_of_the_full_ranking():
     )
 
 
+def test_ranked_lists_report_nan_position_on_both_sides():
+    s = torch.zeros(6, 9)
+    s[4, 7] = float("nan")
+    for by_rows in (True, False):
+        q = list(range(6)) if by_rows else list(range(9))
+        items = list(range(9)) if by_rows else list(range(6))
+        with pytest.raises(DataError, match=r"sims\[4, 7\] is NaN"):
+            ev._ranked_lists(s, q, items, 3, None, 0, 2, by_rows=by_rows)
+
+
 def _coco5k_base(seed: int) -> torch.Tensor:
     """(5000, 25000) int32 scores, even, < 2**27 (no tie with the odd scores given to GT pairs)."""
     g = torch.Generator().manual_seed(seed)
@@ -474,10 +484,12 @@ def eccv_oracle():
 
 def test_eccv_oracle_scores_100(eccv_oracle):
     s, img, cap = eccv_oracle
-    r = ev.eccv_metrics(s, img, cap, top_k=100)
-    assert set(r) == {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "coco_1k_r1", "coco_1k_r5",
-                      "coco_1k_r10", "coco_5k_r1", "coco_5k_r5", "coco_5k_r10"}
-    for key in ("eccv_r1", "coco_1k_r1", "coco_1k_r5", "coco_1k_r10", "coco_5k_r1", "coco_5k_r5", "coco_5k_r10"):
+    # the default targets plus eccv_recalls (which eccv_caption 0.1.0 drops when mAP@R is requested)
+    r = ev.eccv_metrics(s, img, cap, top_k=100, target_metrics=ev.ECCV_DEFAULT_METRICS + ("eccv_recalls",))
+    assert set(r) == {"eccv_map_at_r", "eccv_rprecision", "eccv_r1", "eccv_r5", "eccv_r10", "coco_1k_r1",
+                      "coco_1k_r5", "coco_1k_r10", "coco_5k_r1", "coco_5k_r5", "coco_5k_r10"}
+    for key in ("eccv_r1", "eccv_r5", "eccv_r10", "coco_1k_r1", "coco_1k_r5", "coco_1k_r10", "coco_5k_r1",
+                "coco_5k_r5", "coco_5k_r10"):
         assert r[key] == {"i2t": 100.0, "t2i": 100.0}, key
     # mAP@R is not exactly 100: two ECCV positives are not in the test gallery
     assert r["eccv_map_at_r"]["i2t"] > 99.0 and r["eccv_map_at_r"]["t2i"] == 100.0
