@@ -313,14 +313,15 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
              "caption_image": [int(i) for i in np.asarray(fs.caption_image)]}
     files = {INDEX_FILE: _write_bytes(out / INDEX_FILE, faiss.serialize_index(index).tobytes()),
              ITEMS_FILE: _write_bytes(out / ITEMS_FILE, json.dumps(items).encode("utf-8"))}
+    m0 = meta or {}
     manifest = {
         "format": FORMAT,
         "build_id": build_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "modality": modality,
         "split": split,
-        "data": {"folder": str(folder), "content_hash": (meta or {}).get("content_hash") or (meta or {}).get("config_hash"),
-                 "dataset": (meta or {}).get("dataset"), "dtype": (meta or {}).get("dtype"), "has_meta": meta is not None,
+        "data": {"folder": str(folder), "content_hash": m0.get("content_hash") or m0.get("config_hash"),
+                 "dataset": m0.get("dataset"), "dtype": m0.get("dtype"), "has_meta": meta is not None,
                  "num_images": fs.num_images, "num_captions": fs.num_captions,
                  # what raw-query encoding needs (aahr_fast.retrieval.QueryEncoder), kept with the index
                  "meta": None if meta is None else {k: meta.get(k) for k in _META_KEYS}},
@@ -354,6 +355,7 @@ class GalleryIndex:
         self.dim: int = int(manifest["dim"])
         self.ntotal: int = int(manifest["ntotal"])
         self.kind: str = manifest["index"]["kind"]
+        self._captions_of: dict[int, list[str]] | None = None
 
     @classmethod
     def load(cls, folder: str | os.PathLike, loaded: Any = None, *, verify_hashes: bool = True) -> "GalleryIndex":
@@ -369,8 +371,6 @@ class GalleryIndex:
                 from the manifest.
             CheckpointError: ``loaded`` is another checkpoint or has another embedding dim.
         """
-        import hashlib
-
         folder = Path(folder)
         mpath = folder / MANIFEST_FILE
         if not folder.is_dir():
@@ -385,24 +385,30 @@ class GalleryIndex:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             got = manifest.get("format") if isinstance(manifest, dict) else None
             raise DataError(f"{mpath}: not an aahr_fast index manifest (format {got!r}, expected {FORMAT!r})")
-        blobs = {}
+        from aahr_fast.retrieval import file_sha256
+
         for name in (INDEX_FILE, ITEMS_FILE):
             path = folder / name
             want = (manifest.get("files") or {}).get(name) or {}
+            if not path.is_file():
+                raise DataError(f"{path}: missing (the index folder is incomplete)")
             try:
-                data = path.read_bytes()
-            except OSError:
-                raise DataError(f"{path}: missing (the index folder is incomplete)") from None
-            if len(data) != want.get("bytes") or (verify_hashes and hashlib.sha256(data).hexdigest() != want.get("sha256")):
+                same = path.stat().st_size == want.get("bytes") and (
+                    not verify_hashes or file_sha256(path) == want.get("sha256"))
+            except (OSError, CheckpointError):
+                same = False
+            if not same:
                 raise DataError(f"{path}: does not match {MANIFEST_FILE} (size/sha256 differ: truncated or "
                                 f"replaced by another build); rebuild the index")
-            blobs[name] = data
         faiss = _faiss()
         try:
-            index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
+            index = faiss.read_index(str(folder / INDEX_FILE))
         except RuntimeError as err:
             raise DataError(f"{folder / INDEX_FILE}: not a readable FAISS index ({err})") from None
-        items = json.loads(blobs[ITEMS_FILE].decode("utf-8"))
+        try:
+            items = json.loads((folder / ITEMS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{folder / ITEMS_FILE}: unreadable ({err})") from None
         if items.get("build_id") != manifest.get("build_id"):
             raise DataError(f"{folder / ITEMS_FILE} belongs to another build than {mpath}")
         if int(index.d) != int(manifest["dim"]) or int(index.ntotal) != int(manifest["ntotal"]):
@@ -458,8 +464,11 @@ class GalleryIndex:
         if self.modality == "text":
             out["caption"] = it["captions"][j]
         else:
-            caps = [c for c, i in zip(it["captions"], it["caption_image"]) if i == img]
-            out["captions"] = caps
+            if self._captions_of is None:
+                self._captions_of = {}
+                for c, i in zip(it["captions"], it["caption_image"]):
+                    self._captions_of.setdefault(int(i), []).append(c)
+            out["captions"] = list(self._captions_of.get(img, []))
         return out
 
 
@@ -480,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", dest="kind", default="flat", choices=KINDS,
                    help="flat: exact IndexFlatIP (default); hnsw / ivf: approximate, inner product")
     p.add_argument("--nlist", type=int, default=None, help="ivf: k-means cells (default round(sqrt(N)))")
-    p.add_argument("--nprobe", type=int, default=None, help="ivf: cells probed per query (default min(nlist, max(8, nlist // 8)))")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="ivf: cells probed per query (default min(nlist, max(8, nlist // 8)))")
     p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree M")
     p.add_argument("--ef-construction", type=int, default=80, help="hnsw: efConstruction")
     p.add_argument("--ef-search", type=int, default=64, help="hnsw: efSearch")
