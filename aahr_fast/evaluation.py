@@ -224,7 +224,9 @@ def _count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
 # similarity and ranks
 
 
-def similarity_matrix(img_emb, txt_emb, chunk_size: int = 1024, device: str | torch.device | None = None) -> torch.Tensor:
+def similarity_matrix(
+    img_emb, txt_emb, chunk_size: int = 1024, device: str | torch.device | None = None
+) -> torch.Tensor:
     """Plain dot-product similarity ``S = img_emb @ txt_emb.T``, computed in row blocks.
 
     Args:
@@ -445,7 +447,9 @@ def metrics_from_ranks(i2t, t2i, ks: Sequence[int] = DEFAULT_KS) -> dict[str, fl
     return out
 
 
-def recall_metrics(sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None) -> dict[str, float]:
+def recall_metrics(
+    sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None
+) -> dict[str, float]:
     """R@K / medr / meanr / rsum of the whole ``(N, M)`` matrix (see :func:`metrics_from_ranks`).
 
     Args:
@@ -468,7 +472,9 @@ def evaluate_1k(sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size:
     return recall_metrics(sims, caption_image, ks, chunk_size)
 
 
-def evaluate_coco_5k(sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None) -> dict[str, float]:
+def evaluate_coco_5k(
+    sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None
+) -> dict[str, float]:
     """COCO 5K protocol: metrics of the whole ``testall`` matrix (5,000 x 25,000; N not enforced)."""
     return recall_metrics(sims, caption_image, ks, chunk_size)
 
@@ -670,7 +676,8 @@ def coco_test_image_ids() -> np.ndarray:
 def _unique_int_ids(x, name: str, expected: int) -> np.ndarray:
     a = np.asarray(x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
     if a.ndim != 1 or a.shape[0] != expected:
-        raise DataError(f"{name}: expected a 1-D array of {expected} ids (one per sims {'row' if 'image' in name else 'column'}), got shape {a.shape}")
+        where = "row" if name == "image_ids" else "column"
+        raise DataError(f"{name}: expected a 1-D array of {expected} ids (one per sims {where}), got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.integer):
         try:
             b = a.astype(np.int64)

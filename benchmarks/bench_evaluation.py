@@ -13,7 +13,8 @@ Groups:
 ``extra_info``: ``peak_extra_mib`` is the peak of the torch allocator's running total while one call
 runs (profiler allocation events; the input matrix, allocated before, is not included);
 ``peak_extra_rss_mib`` the rise of the process high-water mark (VmHWM after ``clear_refs``), which also
-sees NumPy's memory (page-granular, so small numbers are noisy); ``matrix_mib`` is the input's size; ``threads`` the intra-op thread count.
+sees NumPy's memory (page-granular, so small numbers are noisy); ``matrix_mib`` is the input's size;
+``threads`` the intra-op thread count.
 """
 from __future__ import annotations
 

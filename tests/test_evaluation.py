@@ -319,7 +319,8 @@ def test_evaluate_protocol_dispatch():
 def test_custom_ks():
     s, ci = _five_fold_case()
     m = ev.recall_metrics(s, ci, ks=(1, 50))
-    assert set(m) == {"i2t_r1", "i2t_r50", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r50", "t2i_medr", "t2i_meanr", "rsum"}
+    assert set(m) == {"i2t_r1", "i2t_r50", "i2t_medr", "i2t_meanr",
+                      "t2i_r1", "t2i_r50", "t2i_medr", "t2i_meanr", "rsum"}
     assert_metrics_equal(m, ref_metrics(*ref_ranks(s.numpy(), ci.numpy()), ks=(1, 50)))
     assert m["i2t_r50"] >= m["i2t_r1"]
     with pytest.raises(ConfigError, match="ks"):
