@@ -334,6 +334,7 @@ def test_register_plugs_in_a_backend_without_touching_dispatch(monkeypatch):
         calls.append((eps, n_iters))
         return torch.zeros_like(scores)
 
+    ops.registered("sinkhorn")  # import the real plugin modules first, so they cannot re-register over the fake
     saved = dict(_dispatch._REGISTRY["sinkhorn"])
     monkeypatch.setattr(_dispatch, "_backend_problem", lambda op, b, dev, kw: None)
     try:

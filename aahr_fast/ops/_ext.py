@@ -218,8 +218,9 @@ class ExtensionLoader:
     def _load_uncached(self) -> Optional[Path]:
         if os.environ.get("AAHR_DISABLE_EXT", "") not in ("", "0"):
             raise ExtensionBuildError("disabled by AAHR_DISABLE_EXT")
-        if _namespace_loaded():
-            return None
+        is_default_source = self.source_dir == default_source_dir()
+        if is_default_source and _namespace_loaded():
+            return None  # e.g. an installed build already registered the namespace: use it
         srcs = self.sources()
         if not srcs:
             raise ExtensionBuildError(f"no C++ sources found under {self.source_dir}")
@@ -228,6 +229,12 @@ class ExtensionLoader:
             self._build()
         if not lib.is_file():
             raise ExtensionBuildError(f"build finished but {lib} is missing")
+        if _namespace_loaded():
+            # loading a second library that defines TORCH_LIBRARY(aahr_fast) would abort the process
+            raise ExtensionBuildError(
+                f"built {lib}, but the {NAMESPACE} op namespace is already registered in this process "
+                "by another library; not loading a second one"
+            )
         try:
             torch.ops.load_library(str(lib))
         except Exception as exc:

@@ -120,6 +120,15 @@ struct Scratch {
         colarg(n), rowarg(l) {}
 };
 
+// A thread's tile buffer of max_rows x max_cols scores, from the torch allocator (so that memory
+// profiling of the op sees it).
+template <typename T>
+struct TileBuffer {
+  at::Tensor storage;
+  TileBuffer(const Geometry& g, const at::Tensor& like) : storage(at::empty({g.max_rows * g.max_cols}, like.options())) {}
+  T* data() { return storage.data_ptr<T>(); }
+};
+
 // One tile's raw scores: buf (rows x cols) = W[row0:row0+rows] @ R[col0:col0+cols]^T.
 template <typename T>
 at::Tensor tile_scores(T* buf, const at::Tensor& W, const at::Tensor& R, int64_t row0, int64_t rows, int64_t col0,
@@ -255,7 +264,8 @@ void forward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, M
                   T temperature, const T* ir, const T* iw, T* out_a, T* out_b) {
   const int64_t n_tiles = g.n_cblk * g.n_iblk;
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(static_cast<size_t>(g.max_rows * g.max_cols));
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record autograd
+    TileBuffer<T> buf(g, R);
     Scratch<T> sc(g.max_n, g.max_l);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t cb = t / g.n_iblk, ib = t % g.n_iblk;
@@ -422,7 +432,8 @@ void backward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, 
                    T temperature, const T* ir, const T* iw, const T* grad_a, const T* grad_b, at::Tensor& dR,
                    at::Tensor& dW, T* gr, T* gw) {
   for_each_tile_conflict_free(g.n_cblk, g.n_iblk, [&](int64_t cb, int64_t ib) {
-    std::vector<T> buf(static_cast<size_t>(g.max_rows * g.max_cols));
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record autograd
+    TileBuffer<T> buf(g, R);
     Scratch<T> sc(g.max_n, g.max_l);
     const int64_t j0 = g.j0(cb), j1 = g.j1(cb), i0 = g.i0(ib), i1 = g.i1(ib);
     const int64_t row0 = g.woff[j0], rows = g.woff[j1] - row0;
@@ -477,6 +488,7 @@ std::tuple<at::Tensor, at::Tensor> cross_similarity_forward(const at::Tensor& re
                                                             c10::string_view mode_str, double negative_slope,
                                                             double eps, double temperature) {
   const Mode mode = parse_mode(mode_str);
+  at::NoGradGuard no_grad;
   check_inputs("cross_similarity_forward", regions_in, region_lens_in, words_in, word_lens_in);
   const at::Tensor R = regions_in.contiguous(), W = words_in.contiguous();
   const at::Tensor rl = region_lens_in.to(at::kLong).contiguous(), wl = word_lens_in.to(at::kLong).contiguous();
@@ -505,6 +517,7 @@ std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(const at::Tensor& g
                                                              const at::Tensor& word_lens_in, c10::string_view mode_str,
                                                              double negative_slope, double eps, double temperature) {
   const Mode mode = parse_mode(mode_str);
+  at::NoGradGuard no_grad;
   check_inputs("cross_similarity_backward", regions_in, region_lens_in, words_in, word_lens_in);
   const at::Tensor R = regions_in.contiguous(), W = words_in.contiguous();
   const at::Tensor rl = region_lens_in.to(at::kLong).contiguous(), wl = word_lens_in.to(at::kLong).contiguous();

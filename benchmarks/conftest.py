@@ -1,0 +1,178 @@
+"""Shared benchmark helpers (pytest-benchmark) for the ops benchmarks.
+
+* ``threads`` fixture: runs a benchmark once per intra-op thread count (``AAHR_BENCH_THREADS``, default
+  ``1,2``; these machines have 2 shared cores, so 1 thread is the stable number) and restores the count.
+* :func:`peak_extra_bytes`: peak of the torch CPU allocator's running total while a call runs (raw
+  allocation events of the torch profiler with ``profile_memory=True``; tensors allocated before the call
+  are not counted, so this is the *extra* memory an op needs). Memory that bypasses the torch allocator
+  (BLAS packing buffers) is invisible to every row alike.
+* :func:`gflops`, :func:`mm_ceiling_gflops`: GFLOP/s of useful work, and the practical compute ceiling:
+  the GFLOP/s of one fp32 ``torch.mm`` with the same FLOPs (same M, N, K), same thread count.
+* :func:`backend_rows`: the backends of an op runnable on CPU here (one benchmark row each).
+* :func:`record` + the terminal summary: every row's median, and per group the ratio of each peer's
+  median to the ``cpp`` row's (speed-up), memory ratios and the fraction of the mm ceiling.
+
+Benchmark modules get these through the ``bench_tools`` fixture (a namespace), not by importing this
+file (several ``conftest`` modules exist, so ``import conftest`` is ambiguous).
+
+Files named ``bench_*.py`` in this folder are collected when the folder is given to pytest
+(``pytest benchmarks --benchmark-only``).
+"""
+from __future__ import annotations
+
+import os
+import time
+import types
+from collections import defaultdict
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect ``bench_*.py`` (pytest's default pattern is ``test_*.py``) unless named explicitly."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _thread_counts() -> list[int]:
+    raw = os.environ.get("AAHR_BENCH_THREADS", "1,2")
+    return [int(x) for x in raw.split(",") if x.strip()]
+
+
+@pytest.fixture(params=_thread_counts(), ids=lambda t: f"T{t}")
+def threads(request) -> int:
+    """Intra-op thread count for this benchmark row (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def peak_extra_bytes(fn: Callable, *args, **kwargs) -> tuple[int, object]:
+    """(peak extra bytes, result) of one call ``fn(*args, **kwargs)``.
+
+    The running sum of the profiler's raw allocator events (``nbytes`` > 0 alloc, < 0 free) in time
+    order; its maximum is the peak extra memory. Exact for the torch CPU allocator.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args, **kwargs)
+    events = []
+
+    def walk(node):
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None:
+            events.append((node.start_time_ns, size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    run = peak = 0
+    for _, size in events:
+        run += size
+        peak = max(peak, run)
+    return peak, out
+
+
+def gflops(flops: float, seconds: float) -> float:
+    """GFLOP/s."""
+    return flops / seconds / 1e9
+
+
+_CEILING: dict[tuple[int, int, int, int], float] = {}
+
+
+def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5) -> float:
+    """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats)."""
+    key = (m, n, k, torch.get_num_threads())
+    if key not in _CEILING:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        out = torch.empty(m, n)
+        torch.mm(a, b.t(), out=out)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b.t(), out=out)
+            ts.append(time.perf_counter() - t0)
+        _CEILING[key] = 2.0 * m * n * k / sorted(ts)[len(ts) // 2] / 1e9
+    return _CEILING[key]
+
+
+def backend_rows(op: str) -> list[str]:
+    """Backends of ``op`` that run on CPU tensors here (``reference`` first); triton's CPU interpreter is
+    a test tool, not a benchmark row."""
+    from aahr_fast.ops import _dispatch
+
+    rows = []
+    x = torch.zeros(1)
+    for b in ("reference", "cpp"):
+        try:
+            _dispatch.resolve_backend(b, x, op=op)
+        except Exception:
+            continue
+        rows.append(b)
+    return rows
+
+
+_RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
+
+
+def median_seconds(benchmark) -> Optional[float]:
+    """Median of a finished pytest-benchmark run (None with ``--benchmark-disable``)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return None
+    return stats.stats.median
+
+
+def record(benchmark, group: str, name: str, **extra) -> None:
+    """Store one row (median + ``extra``, also put into ``benchmark.extra_info``) for the summary."""
+    benchmark.extra_info.update(extra)
+    med = median_seconds(benchmark)
+    if med is not None:
+        _RESULTS[group][name] = dict(median_s=med, **extra)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("aahr_fast ops benchmark summary (median; ratios against the cpp row of each group)")
+    for group in sorted(_RESULTS):
+        rows = _RESULTS[group]
+        base = rows.get("cpp")
+        tr.write_line(f"[{group}]")
+        for name, r in sorted(rows.items(), key=lambda kv: kv[1]["median_s"]):
+            parts = [f"  {name:<10} {r['median_s'] * 1e3:10.1f} ms"]
+            if "gflops" in r:
+                parts.append(f"{r['gflops']:7.1f} GFLOP/s")
+            if "frac_mm_ceiling" in r:
+                parts.append(f"{100 * r['frac_mm_ceiling']:5.1f}% of mm")
+            if "peak_extra_mib" in r:
+                parts.append(f"peak extra {r['peak_extra_mib']:9.1f} MiB")
+            if base is not None and name != "cpp":
+                parts.append(f"cpp is {r['median_s'] / base['median_s']:5.2f}x faster")
+                if base.get("peak_extra_mib") and r.get("peak_extra_mib"):
+                    parts.append(f"cpp memory {100 * base['peak_extra_mib'] / r['peak_extra_mib']:5.1f}%")
+            tr.write_line("  ".join(parts))
+
+
+@pytest.fixture(scope="session")
+def bench_tools() -> types.SimpleNamespace:
+    """The helpers above as one namespace: peak_extra_bytes, gflops, mm_ceiling_gflops, backend_rows,
+    median_seconds, record."""
+    return types.SimpleNamespace(
+        peak_extra_bytes=peak_extra_bytes,
+        gflops=gflops,
+        mm_ceiling_gflops=mm_ceiling_gflops,
+        backend_rows=backend_rows,
+        median_seconds=median_seconds,
+        record=record,
+    )
