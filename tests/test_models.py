@@ -420,3 +420,45 @@ def test_dataclass_roundtrip():
     cfg = tiny_cfg(graph_start="1.5ep")
     again = ModelConfig.from_dict(cfg.to_dict())
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_ops_backend_switch_changes_no_model_code():
+    """Same weights, same batch: the reference ops and the default CPU backend give the same losses."""
+    from aahr_fast.ops import resolve_backend
+
+    if resolve_backend(None, torch.zeros(2), op="gcn_layer") == "reference":
+        pytest.skip("no compiled CPU backend here; only the reference is available")
+    torch.manual_seed(0)
+    cfg = tiny_cfg(dropout=0.0, gcn_dropout=0.0, queue_size=6)
+    ref = build_model(dataclasses.replace(cfg, ops_backend="reference"), DIMS)
+    fast = build_model(cfg, DIMS)
+    fast.load_state_dict(ref.state_dict())
+    batch = make_batch(ids=[0, 0, 1, 2, 3, 3])
+    a = ref.training_step(batch, 0, torch.Generator().manual_seed(0))
+    b = fast.training_step(batch, 0, torch.Generator().manual_seed(0))
+    for k in a["parts"]:
+        assert a["parts"][k] == pytest.approx(b["parts"][k], rel=1e-4, abs=1e-5), k
+    a["loss"].backward()
+    b["loss"].backward()
+    for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5), n
+
+
+@pytest.mark.parametrize("arch", ["aahr", "vse"])
+def test_bf16_autocast_training_step(arch):
+    """Under mixed precision the encoders run in bf16; losses, graph, prototypes and queues stay float32."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(arch=arch, queue_size=6), DIMS)
+    opt = torch.optim.Adam(model.param_groups(1e-3))
+    gen = torch.Generator().manual_seed(0)
+    for step in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.training_step(make_batch(seed=step, ids=[0, 0, 1, 2, 3, 3]), step, gen)
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.on_after_optimizer_step()
+    if arch == "aahr":
+        assert model.queue_v.feats.dtype == torch.float32 and int(model.queue_v.count) == 12

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aahr_fast.models.config import ModelConfig, resolve_start
-from aahr_fast.models.encoders import ImageEncoder, TextEncoder
+from aahr_fast.models.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from aahr_fast.models.graph import InstanceGraph
 from aahr_fast.models.losses import matching_loss, queue_infonce
 from aahr_fast.models.momentum import FeatureQueue, ema_update, make_momentum_copy
@@ -173,14 +173,27 @@ class AAHR(ScheduleMixin, nn.Module):
         Raises:
             DataError for a malformed batch; ConfigError for an unresolved epoch / fraction start.
         """
-        cfg = self.cfg
         img = self.img_enc(batch)
         txt = self.txt_enc(batch)
         bsz = img.fused.shape[0]
         if txt.fused.shape[0] != bsz:
             raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
         ids = _check_ids(batch, bsz).to(img.fused.device)
+        keys = None
+        if self.queue_v is not None:
+            with torch.no_grad():
+                keys = (F.normalize(self.img_key(batch).fused.float(), dim=-1),
+                        F.normalize(self.txt_key(batch).fused.float(), dim=-1))
+        with torch.autocast(img.fused.device.type, enabled=False):
+            # the losses, prototypes, graph and queues run in float32 even under mixed precision:
+            # they act on (B, D) / (2B, 2B) tensors, are cheap, and are sensitive (exp, top-k, Sinkhorn)
+            return self._losses(img, txt, keys, ids, step, generator)
 
+    def _losses(self, img: EncoderOutput, txt: EncoderOutput, keys: Optional[tuple], ids: torch.Tensor,
+                step: int, generator: torch.Generator) -> dict:
+        cfg = self.cfg
+        img = img._replace(local=img.local.float(), fused=img.fused.float(), frags=img.frags.float())
+        txt = txt._replace(local=txt.local.float(), fused=txt.fused.float(), frags=txt.frags.float())
         base = self._trip(img.fused, txt.fused, ids, generator)
         total = base
         parts = {"base": float(base.detach())}
@@ -205,10 +218,8 @@ class AAHR(ScheduleMixin, nn.Module):
             else:
                 parts["gnn"] = 0.0
 
-        if self.queue_v is not None:
-            with torch.no_grad():
-                k_v = F.normalize(self.img_key(batch).fused, dim=-1)
-                k_t = F.normalize(self.txt_key(batch).fused, dim=-1)
+        if keys is not None:
+            k_v, k_t = keys
             if self.training:
                 self._pending = (k_v, k_t, ids)
             if self.moco_active(step):

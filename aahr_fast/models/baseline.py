@@ -64,8 +64,9 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         if f_v.shape[0] != f_t.shape[0]:
             raise DataError(f"batch has {f_v.shape[0]} images but {f_t.shape[0]} captions")
         ids = _check_ids(batch, f_v.shape[0]).to(f_v.device)
-        loss = matching_loss(c.loss, f_v, f_t, ids, generator, margin=c.margin, n=c.dws_n, cutoff=c.dws_cutoff,
-                             min_dist=c.dws_min_dist, mask_same_image=c.mask_same_image)
+        with torch.autocast(f_v.device.type, enabled=False):   # the loss in float32 under mixed precision
+            loss = matching_loss(c.loss, f_v.float(), f_t.float(), ids, generator, margin=c.margin, n=c.dws_n,
+                                 cutoff=c.dws_cutoff, min_dist=c.dws_min_dist, mask_same_image=c.mask_same_image)
         val = float(loss.detach())
         return {"loss": loss, "parts": {"base": val, "total": val}}
 

@@ -85,9 +85,9 @@ class MaskedBatchNorm1d(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if self.training:
             if mask is None:
-                flat = x.reshape(-1, x.shape[-1])
+                flat = x.reshape(-1, x.shape[-1]).float()
             else:
-                flat = x[mask]                                                # (n_valid, C)
+                flat = x[mask].float()                                        # (n_valid, C), stats in fp32
             cnt = flat.shape[0]
             mean = flat.mean(dim=0)
             var = flat.var(dim=0, unbiased=False)
@@ -97,7 +97,7 @@ class MaskedBatchNorm1d(nn.Module):
                 self.running_var.lerp_(unbiased.detach(), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return (x.float() - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 class FragmentProjection(nn.Module):
@@ -164,6 +164,7 @@ class FragmentEncoder(nn.Module):
         self.maxk = cfg.maxk
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor]) -> EncoderOutput:
+        lens = lens.to(x.device)
         mask = lengths_to_mask(lens, x.shape[1])
         stat_mask = None if self.compat else mask
         frags = self.proj(x.float(), stat_mask)

@@ -143,6 +143,7 @@ def queue_infonce(q: torch.Tensor, k_pos: torch.Tensor, queue: torch.Tensor, *, 
     if q.dim() != 2 or k_pos.shape != q.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise DataError(f"queue_infonce: expected q, k_pos (B, D) and queue (M, D); got {tuple(q.shape)}, "
                         f"{tuple(k_pos.shape)}, {tuple(queue.shape)}")
+    k_pos, queue = k_pos.to(q.dtype), queue.to(q.dtype)
     l_pos = (q * k_pos).sum(dim=1, keepdim=True)                       # (B, 1)
     l_neg = q @ queue.t()                                              # (B, M)
     if mask_same_image and q_ids is not None and queue_ids is not None:
