@@ -276,3 +276,14 @@ def test_stale_lock_is_removed_and_a_held_lock_times_out(monkeypatch, tmp_path, 
     assert time.monotonic() - t0 < 60
     assert err is not None and "AAHR_EXT_BUILD_TIMEOUT" in err and "lock" in err
     assert (fresh.build_dir / "lock").exists()  # someone else's lock is left alone
+
+
+def test_cuda_build_failure_falls_back_to_a_cpu_only_build(tmp_path):
+    loader = _broken_loader(tmp_path)
+    (loader.source_dir / "cuda").mkdir()
+    (loader.source_dir / "cuda" / "k.cu").write_text("__global__ void k() {}\n")
+    loader.with_cuda = True  # pretend: on this CPU torch the CUDA build cannot work
+    err = loader.error()
+    assert loader.cuda_error is not None and "CUDA part" in loader.cuda_error
+    assert not loader.with_cuda and loader.sources() == [loader.source_dir / "broken.cpp"]
+    assert err is not None and "deliberately broken" in err  # the CPU-only build then ran (and failed here)

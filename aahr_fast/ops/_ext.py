@@ -23,6 +23,8 @@ a hung build or a lock held by a dead build never hangs the caller: a ``lock`` f
 ``AAHR_EXT_LOCK_STALE_MIN`` minutes (default 10) is removed with a message, a build past the timeout is
 killed, and either way the caller gets :class:`ExtensionBuildError` (the dispatcher then warns once and
 uses the reference). ``AAHR_DISABLE_EXT=1`` disables the extension (reference everywhere by default).
+If the CUDA sources fail to build or load, the library is rebuilt CPU-only (the cpp backend survives a
+broken CUDA toolchain; :func:`extension_error` with ``cuda=True`` reports the CUDA failure).
 
 The library is loaded at most once per process. If the ``aahr_fast`` namespace is already registered
 (e.g. by an installed build), it is used as is and no second library is loaded (two libraries defining
@@ -133,6 +135,8 @@ class ExtensionLoader:
         if with_cuda is None:
             with_cuda = torch_has_cuda() and bool(cuda_sources(self.source_dir))
         self.with_cuda = with_cuda
+        #: why the CUDA part is missing after a failed CUDA build (the CPU part then still loads)
+        self.cuda_error: Optional[str] = None
         self._lock = threading.Lock()
         self._state: Optional[tuple[Optional[Path], Optional[str]]] = None  # (library, error)
 
@@ -221,9 +225,20 @@ class ExtensionLoader:
         is_default_source = self.source_dir == default_source_dir()
         if is_default_source and _namespace_loaded():
             return None  # e.g. an installed build already registered the namespace: use it
-        srcs = self.sources()
-        if not srcs:
+        if not self.sources():
             raise ExtensionBuildError(f"no C++ sources found under {self.source_dir}")
+        try:
+            return self._build_and_load()
+        except ExtensionBuildError as exc:
+            if not self.with_cuda:
+                raise
+            # a broken CUDA toolchain must not take the C++ CPU backend down with it
+            self.cuda_error = f"the CUDA part of the extension failed, using a CPU-only build: {exc}"
+            print(f"aahr_fast: {self.cuda_error}", file=sys.stderr)
+            self.with_cuda = False
+            return self._build_and_load()
+
+    def _build_and_load(self) -> Path:
         lib = self.library_path
         if not (lib.is_file() and self.stamp_path.is_file()):
             self._build()
@@ -336,7 +351,9 @@ def load_extension() -> Optional[Path]:
 def extension_error(cuda: bool = False) -> Optional[str]:
     """None when the extension (with its CUDA part if ``cuda``) is usable, else the reason (a string).
 
-    The first call may build the extension (tens of seconds, once per source version).
+    The first call may build the extension (tens of seconds, once per source version). If the CUDA
+    sources fail to build, the library is rebuilt without them: ``cuda=False`` is then fine and
+    ``cuda=True`` reports the CUDA failure.
     """
     loader = default_loader()
     if cuda:
@@ -344,9 +361,16 @@ def extension_error(cuda: bool = False) -> Optional[str]:
             return "this torch build has no CUDA"
         if not torch_has_cuda():
             return "no CUDA toolkit found (CUDA_HOME) to build the CUDA sources"
-        if not loader.with_cuda:
+        if not cuda_sources(loader.source_dir):
             return f"no CUDA sources in {loader.source_dir / 'cuda'}"
-    return loader.error()
+    err = loader.error()
+    if err is not None:
+        return err
+    if cuda and loader.cuda_error is not None:
+        return loader.cuda_error
+    if cuda and not loader.with_cuda:
+        return "the loaded library was built without CUDA sources"
+    return None
 
 
 def build_info() -> str:
