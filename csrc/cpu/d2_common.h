@@ -50,17 +50,26 @@ inline void exp_affine(scalar_t* out, const scalar_t* in, int64_t n, scalar_t sc
   }
 }
 
-// Maximum of n elements (n >= 1); NaN propagates like torch.max.
+// Maximum of n elements (n >= 1; -inf for n == 0); NaN propagates like torch.max. Vectorised.
 template <typename scalar_t>
 inline scalar_t row_max(const scalar_t* x, int64_t n) {
-  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t v = x[i];
-    nan |= std::isnan(v);
-    m = v > m ? v : m;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
+  Vec acc(ninf);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + i));
+  if (i < n) {
+    const int rest = static_cast<int>(n - i);
+    acc = at::vec::maximum(acc, Vec::set(Vec(ninf), Vec::loadu(x + i, rest), rest));
   }
-  return nan ? std::numeric_limits<scalar_t>::quiet_NaN() : m;
+  scalar_t buf[Vec::size()];
+  acc.store(buf);
+  scalar_t m = ninf;
+  for (int64_t j = 0; j < Vec::size(); ++j) {
+    if (std::isnan(buf[j])) return buf[j];
+    m = buf[j] > m ? buf[j] : m;
+  }
+  return m;
 }
 
 // Sum of n elements with a vector accumulator (same order every call, so deterministic).

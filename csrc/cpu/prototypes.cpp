@@ -42,49 +42,55 @@ inline scalar_t finite_or_zero(scalar_t m) {
   return std::isinf(m) ? scalar_t(0) : m;
 }
 
-// Row step: for rows [r0, r1) of L (N x K), m_b + log(sum_k exp(L_bk + u_k - m_b)).
-// When `codes` is given, also writes softmax_k(L_bk + u_k) into codes row b.
+// Row step for rows [r0, r1) of L (N x K): lse_b = logsumexp_k(L_bk + u_k). When `codes` is given,
+// writes softmax_k(L_bk + u_k) into codes row b instead. `tmp` holds K scratch values.
 template <typename scalar_t>
 void row_step(const scalar_t* L, const scalar_t* u, int64_t K, int64_t r0, int64_t r1,
               scalar_t* lse_out, scalar_t* codes, scalar_t* tmp) {
+  using V = Vec<scalar_t>;
   for (int64_t b = r0; b < r1; ++b) {
     const scalar_t* row = L + b * K;
-    int64_t k = 0;
-    for (; k + Vec<scalar_t>::size() <= K; k += Vec<scalar_t>::size())
-      (Vec<scalar_t>::loadu(row + k) + Vec<scalar_t>::loadu(u + k)).store(tmp + k);
-    for (; k < K; ++k) tmp[k] = row[k] + u[k];
+    at::vec::map2([](V a, V c) { return a + c; }, tmp, row, u, K);
     const scalar_t m = finite_or_zero(row_max(tmp, K));
     scalar_t* dst = codes ? codes + b * K : tmp;
     exp_affine(dst, tmp, K, scalar_t(1), -m);
     const scalar_t s = row_sum(dst, K);
     if (lse_out) lse_out[b] = m + std::log(s);
     if (codes) {
-      const scalar_t inv = scalar_t(1) / s;
-      for (k = 0; k < K; ++k) dst[k] *= inv;
+      const V inv(scalar_t(1) / s);
+      at::vec::map([inv](V x) { return x * inv; }, dst, dst, K);
     }
   }
 }
 
 // Column step: u_k = -log K - logsumexp_b(L_bk + v_b) for k in [k0, k1), all N rows.
+// With a finite `shift` (an upper bound of L_bk + v_b whose gap to every column's true maximum is
+// small enough that exp cannot underflow to 0) one pass suffices; otherwise (shift = NaN) the
+// exact two-pass max-then-sum is used.
 template <typename scalar_t>
 void col_step(const scalar_t* L, const scalar_t* v, int64_t N, int64_t K, int64_t k0, int64_t k1,
-              scalar_t* u, scalar_t* m, scalar_t* s) {
+              scalar_t shift, scalar_t* u, scalar_t* m, scalar_t* s) {
   using V = Vec<scalar_t>;
   const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
-  std::fill(m + k0, m + k1, ninf);
-  std::fill(s + k0, s + k1, scalar_t(0));
-  for (int64_t b = 0; b < N; ++b) {  // column maxima (NaN propagates)
-    const scalar_t* row = L + b * K;
-    const V vb(v[b]);
-    int64_t k = k0;
-    for (; k + V::size() <= k1; k += V::size())
-      at::vec::maximum(V::loadu(m + k), V::loadu(row + k) + vb).store(m + k);
-    for (; k < k1; ++k) {
-      const scalar_t x = row[k] + v[b];
-      m[k] = (std::isnan(x) || x > m[k]) ? x : m[k];
+  const bool one_pass = !std::isnan(shift);
+  if (one_pass) {
+    std::fill(m + k0, m + k1, shift);
+  } else {
+    std::fill(m + k0, m + k1, ninf);
+    for (int64_t b = 0; b < N; ++b) {  // column maxima (NaN propagates)
+      const scalar_t* row = L + b * K;
+      const V vb(v[b]);
+      int64_t k = k0;
+      for (; k + V::size() <= k1; k += V::size())
+        at::vec::maximum(V::loadu(m + k), V::loadu(row + k) + vb).store(m + k);
+      for (; k < k1; ++k) {
+        const scalar_t x = row[k] + v[b];
+        m[k] = (std::isnan(x) || x > m[k]) ? x : m[k];
+      }
     }
+    for (int64_t k = k0; k < k1; ++k) m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
   }
-  for (int64_t k = k0; k < k1; ++k) m[k] = finite_or_zero(m[k]);
+  std::fill(s + k0, s + k1, scalar_t(0));
   for (int64_t b = 0; b < N; ++b) {  // sums of exp
     const scalar_t* row = L + b * K;
     const V vb(v[b]);
@@ -97,18 +103,30 @@ void col_step(const scalar_t* L, const scalar_t* v, int64_t N, int64_t K, int64_
   for (int64_t k = k0; k < k1; ++k) u[k] = -logK - (m[k] + std::log(s[k]));
 }
 
+// Largest gap (in log units) between a one-pass shift and a column's true maximum that still keeps
+// exp() of the column's largest term far above the underflow threshold (exp(-87) for float).
+template <typename scalar_t>
+constexpr scalar_t max_shift_gap() {
+  return sizeof(scalar_t) == 4 ? scalar_t(60) : scalar_t(600);
+}
+
 // Sinkhorn codes of the first `rows_out` rows of S (N x K, contiguous) into `codes`
 // (rows_out x K, contiguous).
+//
+// Pass 1: column maxima M_k of S. Pass 2: L = (S - M_k) / eps (near-maximal entries exact by
+// Sterbenz, so huge S / eps stays accurate in float32; the first column step absorbs the shift)
+// together with the first column step (max_b L_bk = 0 exactly, so one pass). Later column steps
+// use the one-pass bound shift = max_b v_b (L <= 0) while max v - min v is moderate.
 template <typename scalar_t>
 void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t n_iters,
                    int64_t rows_out, scalar_t* codes) {
+  using V = Vec<scalar_t>;
   std::vector<scalar_t> Lbuf(N * K), u(K, scalar_t(0)), v(N, scalar_t(0)), cm(K), cs(K);
   scalar_t* L = Lbuf.data();
   const scalar_t e = scalar_t(eps);
-  at::parallel_for(0, N * K, 1 << 14, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) L[i] = S[i] / e;
-  });
-  if (n_iters <= 0) {  // SwAV with no iteration: N * exp(L - logsumexp_all(L))
+  const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
+  if (n_iters <= 0) {  // SwAV with no iteration: N * exp(S / eps - logsumexp_all(S / eps))
+    at::vec::map([e](V x) { return x / V(e); }, L, S, N * K);
     const scalar_t m = finite_or_zero(row_max(L, N * K));
     std::vector<scalar_t> tmp(N * K);
     exp_affine(tmp.data(), L, N * K, scalar_t(1), -m);
@@ -117,32 +135,52 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
     exp_affine(codes, L, rows_out * K, scalar_t(1), shift);
     return;
   }
-  const scalar_t logN = std::log(scalar_t(N));
-  const int64_t col_grain = std::max<int64_t>(Vec<scalar_t>::size() * 8, 64);
-  // Shift every column by its maximum (the first column step absorbs any per-column constant, so
-  // the codes are unchanged): near-maximal entries are then exact (Sterbenz) and the potentials stay
-  // O(log N + log K) instead of O(max |S| / eps), which keeps float32 accurate for huge S / eps.
+  const scalar_t logN = std::log(scalar_t(N)), logK = std::log(scalar_t(K));
+  const int64_t col_grain = std::max<int64_t>(V::size() * 8, 64);
   at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
-    using V = Vec<scalar_t>;
     scalar_t* m = cm.data();
-    std::fill(m + k0, m + k1, -std::numeric_limits<scalar_t>::infinity());
-    for (int64_t b = 0; b < N; ++b) {
-      const scalar_t* row = L + b * K;
+    scalar_t* s = cs.data();
+    std::fill(m + k0, m + k1, ninf);
+    for (int64_t b = 0; b < N; ++b) {  // pass 1: column maxima of S (NaN propagates)
+      const scalar_t* row = S + b * K;
       int64_t k = k0;
       for (; k + V::size() <= k1; k += V::size())
         at::vec::maximum(V::loadu(m + k), V::loadu(row + k)).store(m + k);
       for (; k < k1; ++k) m[k] = (std::isnan(row[k]) || row[k] > m[k]) ? row[k] : m[k];
     }
     for (int64_t k = k0; k < k1; ++k) m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
-    for (int64_t b = 0; b < N; ++b) {
-      scalar_t* row = L + b * K;
-      for (int64_t k = k0; k < k1; ++k) row[k] -= m[k];
+    std::fill(s + k0, s + k1, scalar_t(0));
+    const V ve(e);
+    for (int64_t b = 0; b < N; ++b) {  // pass 2: L = (S - M) / eps and the first column sums
+      const scalar_t* srow = S + b * K;
+      scalar_t* lrow = L + b * K;
+      int64_t k = k0;
+      for (; k + V::size() <= k1; k += V::size()) {
+        const V x = (V::loadu(srow + k) - V::loadu(m + k)) / ve;
+        x.store(lrow + k);
+        (V::loadu(s + k) + x.exp()).store(s + k);
+      }
+      for (; k < k1; ++k) {
+        lrow[k] = (srow[k] - m[k]) / e;
+        s[k] += std::exp(lrow[k]);
+      }
     }
+    for (int64_t k = k0; k < k1; ++k) u[k] = -logK - std::log(s[k]);
   });
   for (int64_t it = 0; it < n_iters; ++it) {
-    at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
-      col_step(L, v.data(), N, K, k0, k1, u.data(), cm.data(), cs.data());
-    });
+    if (it > 0) {
+      scalar_t vmax = ninf, vmin = -ninf;
+      for (int64_t b = 0; b < N; ++b) {
+        vmax = v[b] > vmax ? v[b] : vmax;
+        vmin = v[b] < vmin ? v[b] : vmin;
+      }
+      const bool ok = std::isfinite(vmax) && std::isfinite(vmin) &&
+                      vmax - vmin <= max_shift_gap<scalar_t>();
+      const scalar_t shift = ok ? vmax : std::numeric_limits<scalar_t>::quiet_NaN();
+      at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
+        col_step(L, v.data(), N, K, k0, k1, shift, u.data(), cm.data(), cs.data());
+      });
+    }
     const bool last = it + 1 == n_iters;
     const int64_t rows = last ? rows_out : N;  // the last row step only matters for the output
     at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
@@ -175,22 +213,23 @@ Tensor sinkhorn(const Tensor& s_in, double eps, int64_t n_iters) {
 template <typename scalar_t>
 void swap_rows(const scalar_t* S, const scalar_t* Q, int64_t B, int64_t K, scalar_t tau,
                scalar_t coef, scalar_t* dS, scalar_t* row_loss) {
+  using V = Vec<scalar_t>;
   at::parallel_for(0, B, kRowGrain, [&](int64_t r0, int64_t r1) {
     std::vector<scalar_t> z(K);
     for (int64_t b = r0; b < r1; ++b) {
       const scalar_t* srow = S + b * K;
       const scalar_t* qrow = Q + b * K;
       scalar_t* drow = dS + b * K;
-      for (int64_t k = 0; k < K; ++k) z[k] = srow[k] / tau;
+      at::vec::map([tau](V x) { return x / V(tau); }, z.data(), srow, K);
       const scalar_t m = finite_or_zero(row_max(z.data(), K));
-      exp_affine(drow, z.data(), K, scalar_t(1), -m);  // exp(z - m), normalised below
+      exp_affine(drow, z.data(), K, scalar_t(1), -m);  // exp(z - m), turned into dS below
       const scalar_t se = row_sum(drow, K);
       const scalar_t lse = m + std::log(se);
       const scalar_t qsum = row_sum(qrow, K);
       const scalar_t qz = row_dot(qrow, z.data(), K);
       row_loss[b] = coef * (lse * qsum - qz);
-      const scalar_t a = coef / tau * qsum / se, c = coef / tau;
-      for (int64_t k = 0; k < K; ++k) drow[k] = a * drow[k] - c * qrow[k];
+      const V a(coef / tau * qsum / se), c(coef / tau);
+      at::vec::map2([a, c](V p, V q) { return a * p - c * q; }, drow, drow, qrow, K);
     }
   });
 }
