@@ -30,6 +30,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; results should be readable like any file
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -53,6 +54,7 @@ def atomic_write_path(path: str | os.PathLike, writer: Callable[[str], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode())
     try:
         writer(tmp)
         with open(tmp, "rb+") as fh:
@@ -84,6 +86,13 @@ def atomic_save_torch(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
+
+
+def _umask_mode() -> int:
+    """File mode a plain ``open()`` would create (0o666 minus the process umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(folder: Path) -> None:
