@@ -408,13 +408,17 @@ class QueryEncoder:
     def text_batch(self, captions: Sequence[str]) -> dict:
         """Batch dict (docs/DESIGN.md) for raw captions: ``tokens`` (B, L, Dt) float32 (or ``input_ids``
         for a fine-tuned text model), ``token_lens`` (B,), ``txt_global`` (B, Dgt) float32.
-        Raises DataError for an empty list or a non-string / empty caption (index named)."""
+        Raises DataError for an empty list or a caption that is not a string or has no letter or digit
+        (empty, whitespace- or punctuation-only: the readers' rule, ``is_blank_caption``; index named)."""
+        from aahr_fast.data.dataset import is_blank_caption
+
         caps = list(captions)
         if not caps:
             raise DataError("no query caption given")
         for i, c in enumerate(caps):
-            if not isinstance(c, str) or not c.strip():
-                raise DataError(f"query caption {i} is empty or not a string: {c!r}")
+            if not isinstance(c, str) or is_blank_caption(c):
+                raise DataError(f"query caption {i} is not a string or is empty / only whitespace or "
+                                f"punctuation: {c!r} (expected text with at least one letter or digit)")
         caps = [" ".join(c.split()) if ("\n" in c or "\r" in c) else c for c in caps]  # prepare's caption cleaning
         tb = self.text_backbone()
         ids, lens = tb.tokenize(caps)

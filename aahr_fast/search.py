@@ -57,15 +57,18 @@ def search(index_dir: str | os.PathLike, *, text: str | None = None, image: str 
         "results": [{"rank": 1.., "score": float, "index": int, "image_id": str, "image_path": str|None,
         "caption": str (caption gallery) | "captions": [str] (image gallery)}]}``.
     Raises:
-        ConfigError: not exactly one query, query kind not matching the gallery, features of other
+        ConfigError: not exactly one query, k < 1, query kind not matching the gallery, features of other
             backbones. CheckpointError: another checkpoint than the index's. DataError: unreadable index
             folder / image file, empty caption.
     """
     from aahr_fast.index import GalleryIndex
     from aahr_fast.retrieval import QueryEncoder, load_model, training_data_meta
 
+    from aahr_fast.utils.validate import check_positive_int
+
     if (text is None) == (image is None):
         raise ConfigError("give exactly one query: --text CAPTION or --image FILE")
+    k = check_positive_int("k", k)  # before any model or backbone is loaded
     gi = gallery if gallery is not None else GalleryIndex.load(index_dir)
     want = "image" if text is not None else "text"
     if gi.modality != want:
