@@ -332,6 +332,12 @@ def _load_ok(run: Path) -> Callable[[Work], None]:
     return keep
 
 
+def _idx_loads(w: Work) -> None:
+    from aahr_fast.index import GalleryIndex
+
+    assert GalleryIndex.load(w.tmp / "idx").ntotal == TOY_SPLITS["test"]
+
+
 # ====================================================================================================
 # 1. missing or unreadable files
 
@@ -671,6 +677,16 @@ def _(w):
     return lambda: read_precomp(d, "train")
 
 
+@case("counts/flickr8k-split-list-duplicate", DataError, "{tmp}/ds/Flickr_8k.testImages.txt:4",
+      "'im0.jpg' listed twice")
+def _(w):
+    from aahr_fast.data.readers import read_flickr8k
+
+    ds = _flickr(w.tmp / "ds", 3)
+    _edit_lines(ds / "Flickr_8k.testImages.txt", lambda ls: ls + ["im0.jpg"])
+    return lambda: read_flickr8k(ds, "test")
+
+
 @case("counts/meta-json-stale-caption-count", DataError, "{tmp}/toy/meta.json", "splits.test.captions = 30",
       "files have 25")
 def _(w):
@@ -998,12 +1014,45 @@ def _(w):
 
 
 @case("dims/build-index-on-other-dims", CheckpointError, "{run}/" + WEIGHTS, "region_dim: checkpoint 64 != data 40",
-      keep=lambda w: __import__("aahr_fast.index", fromlist=["GalleryIndex"]).GalleryIndex.load(w.tmp / "idx"))
+      keep=_idx_loads)
 def _(w):
     from aahr_fast.index import build_index
 
     out = w.guard(w.copy("idx"))
     return lambda: build_index(w.run, out, data=w.toy40, split="test", modality="image", log=lambda m: None)
+
+
+def _other_text_backbone(w: Work) -> Path:
+    """A copy of the toy folder whose meta.json says its token features came from another 32-d BERT: same
+    dims as the checkpoint's training folder, other features."""
+    d = w.copy("toy", "toy_other_bert")
+    _edit_json(d / "meta.json", lambda m: m["text_backbone"].update(name="other-bert-32"))
+    return d
+
+
+@case("dims/build-index-on-other-backbones", CheckpointError, "{run}/" + WEIGHTS, "other backbones",
+      "text: trained on 'toy', gallery 'other-bert-32'", keep=_idx_loads)
+def _(w):
+    from aahr_fast.index import build_index
+
+    d = _other_text_backbone(w)
+    out = w.guard(w.copy("idx"))
+    w.need("run")
+    return lambda: build_index(w.run, out, data=d, split="test", modality="image", log=lambda m: None)
+
+
+@case("dims/evaluate-on-other-backbones", CheckpointError, "{run}/" + WEIGHTS, "other-bert-32",
+      gap="evaluate.py evaluate_checkpoint(): only the feature dims of --data are compared with the checkpoint's; "
+          "a folder of equal dims made by another backbone (meta.json text_backbone 'other-bert-32' vs the run's "
+          "'toy') is evaluated silently (meaningless R@K); it should compare the backbone identity of the run's "
+          "training folder (when its meta.json is readable) like index.build_index does, and raise "
+          "CheckpointError naming both backbones")
+def _(w):
+    from aahr_fast.evaluate import evaluate_checkpoint
+
+    d = _other_text_backbone(w)
+    w.need("run")
+    return lambda: evaluate_checkpoint(str(w.run), data=str(d), split="test", log=lambda m: None)
 
 
 @case("dims/search-query-dimension", DataError, "queries have dimension 16", "index holds 32-d vectors")
@@ -1171,6 +1220,20 @@ def _(w):
     return lambda: load_config(None, ["model.loss=dsw"])
 
 
+@case("keys/protocol-typo", ConfigError, "data.protocol='1K'", "expected one of")
+def _(w):
+    from aahr_fast.config import load_config
+
+    return lambda: load_config(None, ["data.protocol=1K"])
+
+
+@case("keys/decay-epochs-out-of-order", ConfigError, "schedule.decay_epochs=[25, 15]", "strictly increasing")
+def _(w):
+    from aahr_fast.config import load_config
+
+    return lambda: load_config(None, ["schedule.decay_epochs=[25,15]"])
+
+
 @case("keys/model-config-from-dict-typo", ConfigError, "num_prototype", "did you mean 'num_prototypes'",
       gap="models/config.py ModelConfig.from_dict(): an unknown key lists all 60+ known keys but suggests no "
           "close match (config.py's loader says \"did you mean 'model.num_prototypes'?\"); it should use the same "
@@ -1258,7 +1321,7 @@ def _(w):
 
 
 @case("sizes/ivf-cells-more-than-gallery", ConfigError, "nlist=50 is larger than the gallery (5 items)",
-      keep=lambda w: __import__("aahr_fast.index", fromlist=["GalleryIndex"]).GalleryIndex.load(w.tmp / "idx"))
+      keep=_idx_loads)
 def _(w):
     from aahr_fast.index import build_index
 
@@ -1629,6 +1692,18 @@ def _(w):
     _tiny_yaml(w.tmp / "other.yaml", model={"embed_dim": 64})
     w.guard(w.run)
     return ["--checkpoint", str(w.run), "--data", str(w.toy), "--config", str(w.tmp / "other.yaml")]
+
+
+@cli_case("cli/evaluate-unknown-split", "evaluate", "feature folder {toy}", "val_ims.npy", "split 'val'",
+          "does not exist")
+def _(w):
+    return ["--checkpoint", str(w.run), "--data", str(w.toy), "--split", "val"]
+
+
+@cli_case("cli/evaluate-eccv-on-non-coco-split", "evaluate", "--eccv needs the COCO 5K test split",
+          "5 images x 25 captions")
+def _(w):
+    return ["--checkpoint", str(w.run), "--data", str(w.toy), "--split", "test", "--eccv"]
 
 
 @cli_case("cli/evaluate-missing-checkpoint", "evaluate", "checkpoint {tmp}/nope does not exist")
