@@ -435,7 +435,6 @@ class Trainer:
         self.device = select_device(run.device)
         if run.threads is not None:
             torch.set_num_threads(run.threads)
-        configure_determinism(run.deterministic, self.device)
         seed_everything(run.seed)
         self.autocast = amp_dtype(run.amp, self.device)
 
@@ -615,6 +614,14 @@ class Trainer:
         Raises:
             NonFiniteLossError: ``run.max_nonfinite_steps`` consecutive non-finite steps.
         """
+        prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        configure_determinism(self.cfg.run.deterministic, self.device)
+        try:
+            return self._fit()
+        finally:  # the process-wide switch goes back to what the caller had (matters for library use)
+            torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg

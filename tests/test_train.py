@@ -270,3 +270,9 @@ def test_cli_reports_the_guard_with_exit_status_3(toy_dir, toy_config_file, tmp_
     code = train_cli.main(["--config", str(toy_config_file), "--data", str(toy_dir), "--out", str(tmp_path / "r"),
                            "run.max_nonfinite_steps=2"])
     assert code == 3 and "2 consecutive steps had a non-finite loss" in capsys.readouterr().err
+
+
+def test_eccv_needs_the_coco_5k_split(trained_run, toy_dir, capsys):
+    code = evaluate_cli.main(["--checkpoint", str(trained_run), "--data", str(toy_dir), "--eccv"])
+    err = capsys.readouterr().err
+    assert code == 2 and "COCO 5K" in err and "50 images x 250 captions" in err
