@@ -7,14 +7,16 @@ Two parametrised tests walk two tables of cases:
   returns the call that must fail. The test asserts the *exact* error type (``DataError``,
   ``ConfigError``, ``CheckpointError`` from :mod:`aahr_fast.utils.errors`, ``BackendUnavailableError``
   or ``ValueError`` for op misuse), that the message contains every expected fragment (the file / index /
-  field and what was expected) and no Python traceback, and that every folder the case *guards*
-  (an existing checkpoint, feature folder or index) is byte-for-byte unchanged afterwards; some cases
-  also re-load the guarded thing.
+  field and what was expected) and no Python traceback, and that in every folder the case *guards*
+  (an existing checkpoint, feature folder, index or result file) no file was lost or modified; some cases
+  also re-load the guarded thing. The ``prepare`` API cases use the real EfficientNet-Lite0 and a stub
+  text backbone (the image decoding is what they test; MiniLM would add ~10 s).
 * ``test_cli_bad_input`` (CLI cases): ``python -m aahr_fast.<cli> ...``. One case per CLI runs in a real
-  subprocess (the ``python -m`` path, ~3-10 s each); the others call the same ``main(argv)`` in-process
+  subprocess (the ``python -m`` path: 3-6 s each, ``prepare`` ~15 s as it loads MiniLM before it
+  decodes images); the others call the same ``main(argv)`` in-process
   (identical code path after interpreter start, milliseconds). Both assert exit status 2, exactly one
   ``error:`` paragraph on stderr (no blank line in it) naming the problem, no
-  ``Traceback (most recent call last)`` anywhere on stderr, and the guarded folders unchanged.
+  ``Traceback (most recent call last)`` anywhere on stderr, and the guarded folders intact.
 
 Cases marked ``xfail(strict=True, reason="gap: ...")`` document inputs the code does not handle yet
 (owners of those files were still writing them); a fixed gap turns into an XPASS failure, so the mark
@@ -36,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -194,11 +196,10 @@ class CliCase:
     cli: str
     build: Callable[[Work], list[str]]
     needles: tuple[str, ...]
-    subprocess: bool = False
+    proc: bool = False
     keep: Callable[[Work], None] | None = None
     gap: str | None = None
     rc: int = 2
-    extra_env: dict = field(default_factory=dict)
 
 
 CASES: list[Case] = []
@@ -213,10 +214,11 @@ def case(id: str, exc: type, *needles: str, keep=None, gap=None):
     return deco
 
 
-def cli_case(id: str, cli: str, *needles: str, subprocess: bool = False, keep=None, gap=None, rc: int = 2):
-    """Register a CLI case: the decorated ``fn(w)`` builds the bad input and returns the argv."""
+def cli_case(id: str, cli: str, *needles: str, proc: bool = False, keep=None, gap=None, rc: int = 2):
+    """Register a CLI case: the decorated ``fn(w)`` builds the bad input and returns the argv; ``proc``:
+    run ``python -m aahr_fast.<cli>`` in a subprocess (else ``main(argv)`` in-process)."""
     def deco(fn):
-        CLI_CASES.append(CliCase(id, cli, fn, needles, subprocess, keep, gap, rc))
+        CLI_CASES.append(CliCase(id, cli, fn, needles, proc, keep, gap, rc))
         return fn
     return deco
 
@@ -1664,7 +1666,7 @@ def test_bad_input(c: Case, shared: Shared, tmp_path: Path) -> None:
 
 
 @cli_case("cli/evaluate-checkpoint-on-other-dims", "evaluate", "{run}/" + WEIGHTS, "{toy40}",
-          "region_dim: checkpoint 64 != data 40", subprocess=True, keep=lambda w: _load_ok(w.run)(w))
+          "region_dim: checkpoint 64 != data 40", proc=True, keep=lambda w: _load_ok(w.run)(w))
 def _(w):
     w.guard(w.run)
     (w.tmp / "res").mkdir()
@@ -1712,7 +1714,7 @@ def _(w):
 
 
 @cli_case("cli/train-override-typo", "train", "unknown config key 'optim.lrr'", "did you mean 'optim.lr'",
-          subprocess=True, keep=lambda w: _load_ok(w.tmp / "run")(w))
+          proc=True, keep=lambda w: _load_ok(w.tmp / "run")(w))
 def _(w):
     run = w.guard(w.copy("run"))
     return ["--data", str(w.toy), "--out", str(run), "--resume", "optim.lrr=1e-3"]
@@ -1768,7 +1770,7 @@ def _(w):
     return ["--config", str(cfg), "--data", str(d), "--out", str(w.tmp / "new")]
 
 
-@cli_case("cli/prepare-corrupt-image", "prepare", "{tmp}/ds/images/im1.jpg", "cannot decode", subprocess=True,
+@cli_case("cli/prepare-corrupt-image", "prepare", "{tmp}/ds/images/im1.jpg", "cannot decode", proc=True,
           keep=_no_meta("out"))
 def _(w):
     ds = _flickr(w.tmp / "ds", 3)
@@ -1792,7 +1794,7 @@ def _(w):
 
 
 @cli_case("cli/index-checkpoint-on-other-dims", "index", "{run}/" + WEIGHTS, "region_dim: checkpoint 64 != data 40",
-          subprocess=True, keep=_idx_still_usable)
+          proc=True, keep=_idx_still_usable)
 def _(w):
     out = w.guard(w.copy("idx"))
     return ["--checkpoint", str(w.run), "--data", str(w.toy40), "--split", "test", "--modality", "image",
@@ -1808,7 +1810,7 @@ def _(w):
 
 
 @cli_case("cli/search-index-from-other-checkpoint", "search", "was built with checkpoint {run}/" + WEIGHTS,
-          "not {run2}/" + WEIGHTS, subprocess=True, keep=_idx_still_usable)
+          "not {run2}/" + WEIGHTS, proc=True, keep=_idx_still_usable)
 def _(w):
     idx = w.guard(w.copy("idx"))
     w.need("run")
@@ -1845,7 +1847,7 @@ def test_cli_bad_input(c: CliCase, shared: Shared, tmp_path: Path, capfd) -> Non
     leaves guarded folders unchanged (see the module docstring for subprocess vs in-process cases)."""
     w = Work(tmp_path, shared)
     argv = c.build(w)
-    if c.subprocess:
+    if c.proc:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "AAHR_CACHE": str(tmp_path / "cache"),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         proc = subprocess.run([sys.executable, "-m", f"aahr_fast.{c.cli}", *argv], cwd=tmp_path, env=env,
