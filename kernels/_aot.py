@@ -13,9 +13,10 @@ requested architecture (:func:`compile_launch`). Must run with ``TRITON_INTERPRE
 
 CLI (used by ``tests/test_triton_compile.py``)::
 
-    python -m aahr_fast.kernels._aot --arch 80,90 [--dtypes float32,float16,bfloat16] [--jobs 2]
+    python -m aahr_fast.kernels._aot --arch 80,90 [--dtypes float32,float16,bfloat16] [--jobs 2] [--only NAMES]
 
-prints one line per (kernel variant, arch) and exits 1 if any compile fails.
+prints one line per (kernel variant, arch) with the cubin's registers and spill stack (from the
+``cuobjdump`` shipped with triton) and exits 1 if any compile fails.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class Launch:
     fn: Any
     args: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    call_args: tuple = ()
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -94,7 +97,7 @@ def capture_launches() -> Iterator[list[Launch]]:
                 if default is inspect.Parameter.empty:
                     raise TypeError(f"{self.__name__}: argument {p.name!r} missing in captured launch")
                 bound[p.name] = default
-        launches.append(Launch(self, bound, opts))
+        launches.append(Launch(self, bound, opts, tuple(args), dict(kwargs)))
         return None
 
     JITFunction.run = record
@@ -131,14 +134,37 @@ def signature_of(launch: Launch) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def compile_launch(launch: Launch, cc: int):
-    """Compile a captured launch for ``sm_<cc>`` and return Triton's compiled kernel (has ``.asm``)."""
+    """Compile a captured launch for ``sm_<cc>`` and return Triton's compiled kernel (has ``.asm``).
+
+    Uses Triton's own argument binder for the target's backend when available (so integer arguments
+    equal to 1 become constants and 16-divisible sizes / 16-aligned pointers get the same
+    ``tt.divisibility`` hints as a real launch, i.e. the same vectorisation and register use);
+    otherwise (other Triton versions) a plain signature without specialisation.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    target = GPUTarget("cuda", cc, 32)
+    if launch.call_args or launch.call_kwargs:
+        try:
+            from triton.compiler import make_backend
+            from triton.runtime.jit import create_function_from_signature
+
+            backend = make_backend(target)
+            fn = launch.fn
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound_args, specialization, options = binder(*launch.call_args, **launch.call_kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(
+                backend, dict(launch.call_kwargs), bound_args, specialization, options
+            )
+            src = ASTSource(fn, signature, constexprs, attrs)
+            return triton.compile(src, target=target, options=options.__dict__)
+        except (ImportError, AttributeError, TypeError):
+            pass
     sig, const = signature_of(launch)
     src = ASTSource(fn=launch.fn, signature=sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(launch.options))
+    return triton.compile(src, target=target, options=dict(launch.options))
 
 
 def _exercise_all(dtype: torch.dtype) -> None:
@@ -163,6 +189,34 @@ def collect(dtypes: list[torch.dtype]) -> list[Launch]:
     return list(seen.values())
 
 
+def resource_usage(cubin: bytes) -> str:
+    """``"REG:n STACK:m"`` of a cubin from the ``cuobjdump`` shipped with triton ("" when unavailable).
+
+    STACK > 0 means register spills to local memory (slower, not an error).
+    """
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.isfile(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        try:
+            out = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    for line in out.splitlines():
+        if "REG:" in line:
+            parts = line.split()
+            return " ".join(p for p in parts if p.startswith(("REG:", "STACK:")))
+    return ""
+
+
 def _compile_one(job: tuple[int, int]) -> tuple[str, int, bool, str, float]:
     idx, cc = job
     la = _JOBS[idx]
@@ -170,8 +224,9 @@ def _compile_one(job: tuple[int, int]) -> tuple[str, int, bool, str, float]:
     desc = f"{la.name}[{_short(la)}]"
     try:
         k = compile_launch(la, cc)
-        ok = bool(k.asm.get("cubin"))
-        msg = f"cubin {len(k.asm.get('cubin', b''))} B, {k.n_regs if hasattr(k, 'n_regs') else '?'} regs"
+        cubin = k.asm.get("cubin", b"")
+        ok = bool(cubin)
+        msg = f"cubin {len(cubin)} B, smem {k.metadata.shared} B, {resource_usage(cubin) or 'resources n/a'}"
     except Exception as exc:  # noqa: BLE001 - reported per kernel
         ok = False
         msg = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1][:400]
@@ -193,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities, e.g. 80,90")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
+    ap.add_argument("--only", default="", help="comma-separated kernel names to compile (default: all)")
     args = ap.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     archs = [int(a) for a in args.arch.split(",") if a]
+    only = {n for n in args.only.split(",") if n}
     global _JOBS
-    _JOBS = collect(dtypes)
+    _JOBS = [la for la in collect(dtypes) if not only or la.name in only]
+    if not _JOBS:
+        print(f"no kernel launches matched --only={args.only!r}")
+        return 1
     jobs = [(i, cc) for i in range(len(_JOBS)) for cc in archs]
     if args.jobs > 1:
         import multiprocessing as mp

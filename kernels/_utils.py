@@ -119,38 +119,41 @@ def _mm_kernel(
     FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m.to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
-    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    rk0 = tl.arange(0, BK).to(tl.int64)
-    mm = rm < M
-    mn = rn < N
+    # int64 scalar block bases (large products), int32 offsets inside the tile (cheap registers)
+    m0 = tl.program_id(0).to(tl.int64) * BM
+    n0 = tl.program_id(1).to(tl.int64) * BN
+    im = tl.arange(0, BM)
+    jn = tl.arange(0, BN)
+    kk = tl.arange(0, BK)
+    mm = (m0 + im) < M
+    mn = (n0 + jn) < N
+    a_blk = a_ptr + m0 * s_am
+    b_blk = b_ptr + n0 * s_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        rk = k0 + rk0
-        mk = rk < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=mm[:, None] & mk[None, :], other=0.0)
-        b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=mk[:, None] & mn[None, :], other=0.0)
+        mk = (k0 + kk) < K
+        k64 = m0 * 0 + k0  # int64 (loop counters are int32 on GPU)
+        a = tl.load(a_blk + k64 * s_ak + im[:, None] * s_am + kk[None, :] * s_ak, mask=mm[:, None] & mk[None, :], other=0.0)
+        b = tl.load(b_blk + k64 * s_bk + kk[:, None] * s_bk + jn[None, :] * s_bn, mask=mk[:, None] & mn[None, :], other=0.0)
         acc = fdot(a, b, acc, FP32_DOT, PREC)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + n0 + jn, mask=mn, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     if LEAKY:
         acc = tl.where(acc > 0, acc, acc * slope)
-    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    c_ptrs = c_ptr + m0 * s_cm + n0 * s_cn + im[:, None] * s_cm + jn[None, :] * s_cn
     cmask = mm[:, None] & mn[None, :]
     if ACCUMULATE:
         acc = acc + tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
-def _mm_blocks(M: int, N: int, K: int) -> tuple[int, int, int, int]:
+def _mm_blocks(M: int, N: int, K: int, fp32_dot: bool) -> tuple[int, int, int, int]:
     if interpreting():
         return next_pow2(M, 16) if M <= 128 else 128, next_pow2(N, 16) if N <= 128 else 128, 128 if K > 64 else next_pow2(K, 16), 4
-    bm = 64 if M <= 64 else 128
-    bn = 64 if N <= 64 else 128
-    return bm, bn, 32, 4 if bm * bn <= 64 * 128 else 8
+    # 64x64x32 tiles: no register spills on sm_80/sm_90 (ptxas via kernels/_aot.py); the 3-pass
+    # tf32x3 product of fp32 operands needs 8 warps to stay spill-free
+    return 64, 64, 32, 8 if fp32_dot else 4
 
 
 def matmul(
@@ -201,8 +204,8 @@ def matmul(
             if leaky_slope is not None:
                 out.copy_(torch.nn.functional.leaky_relu(out, leaky_slope))
         return out
-    bm, bn, bk, warps = _mm_blocks(M, N, K)
     fp32_dot, prec = dot_config(a.dtype, b.dtype)
+    bm, bn, bk, warps = _mm_blocks(M, N, K, fp32_dot)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _mm_kernel[grid](
         a, b, out, bias if bias is not None else out,
@@ -223,20 +226,22 @@ def _leaky_bwd_colsum_kernel(
     slope,
     HAS_DBIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    mn = rn < N
+    n0 = tl.program_id(0).to(tl.int64) * BN
+    jn = tl.arange(0, BN)
+    im = tl.arange(0, BM)
+    mn = (n0 + jn) < N
     colsum = tl.zeros((BN,), dtype=tl.float32)
     for m0 in range(0, M, BM):
-        rm = m0 + tl.arange(0, BM).to(tl.int64)
-        msk = (rm < M)[:, None] & mn[None, :]
-        g = tl.load(g_ptr + rm[:, None] * s_gm + rn[None, :] * s_gn, mask=msk, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=msk, other=0.0).to(tl.float32)
-        d = tl.where(y > 0, g, g * slope)
-        tl.store(dpre_ptr + rm[:, None] * N + rn[None, :], d, mask=msk)
+        base = n0 * 0 + m0  # int64 (loop counters are int32 on GPU)
+        msk = ((m0 + im) < M)[:, None] & mn[None, :]
+        g = tl.load(g_ptr + base * s_gm + n0 * s_gn + im[:, None] * s_gm + jn[None, :] * s_gn, mask=msk, other=0.0)
+        y = tl.load(y_ptr + base * s_ym + n0 * s_yn + im[:, None] * s_ym + jn[None, :] * s_yn, mask=msk, other=0.0)
+        g = g.to(tl.float32)
+        d = tl.where(y.to(tl.float32) > 0, g, g * slope)
+        tl.store(dpre_ptr + base * N + n0 + im[:, None] * N + jn[None, :], d, mask=msk)
         colsum += tl.sum(d, axis=0)
     if HAS_DBIAS:
-        tl.store(dbias_ptr + rn, colsum, mask=mn)
+        tl.store(dbias_ptr + n0 + jn, colsum, mask=mn)
 
 
 def leaky_relu_backward_colsum(
@@ -254,8 +259,8 @@ def leaky_relu_backward_colsum(
         if db is not None:
             db.zero_()
         return dpre, db
-    bn = 128 if interpreting() else 64
-    bm = 128 if interpreting() else 64
+    bn = 128
+    bm = 128 if interpreting() else 16  # 16x128 x 4 warps: ~96 registers, no spills (sm_90)
     _leaky_bwd_colsum_kernel[(triton.cdiv(N, bn),)](
         grad_out, out, dpre, db if db is not None else dpre,
         M, N, grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),

@@ -61,22 +61,28 @@ def _attn_fwd_kernel(
     FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
+    # int64 scalar bases per (head, block); int32 offsets inside tiles
+    m0 = tl.program_id(0).to(tl.int64) * BM
     hh = tl.program_id(1).to(tl.int64)
-    ri = pid_m * BM + tl.arange(0, BM).to(tl.int64)
-    rd = tl.arange(0, BD).to(tl.int64)
-    mi = ri < n
+    im = tl.arange(0, BM)
+    jn = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    mi = (m0 + im) < n
     md = rd < DH
-    q = tl.load(q_ptr + hh * s_qh + ri[:, None] * s_qn + rd[None, :] * s_qd, mask=mi[:, None] & md[None, :], other=0.0)
+    q = tl.load(q_ptr + hh * s_qh + m0 * s_qn + im[:, None] * s_qn + rd[None, :] * s_qd,
+                mask=mi[:, None] & md[None, :], other=0.0)
+    k_head = k_ptr + hh * s_kh
+    v_head = v_ptr + hh * s_vh
+    b_rows = b_ptr + hh * s_bh + m0 * s_b0
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, BD), dtype=tl.float32)
     for n0 in range(0, n, BN):
-        rj = n0 + tl.arange(0, BN).to(tl.int64)
-        mj = rj < n
-        kt = tl.load(k_ptr + hh * s_kh + rj[None, :] * s_kn + rd[:, None] * s_kd, mask=md[:, None] & mj[None, :], other=0.0)
+        n64 = m0 * 0 + n0
+        mj = (n0 + jn) < n
+        kt = tl.load(k_head + n64 * s_kn + jn[None, :] * s_kn + rd[:, None] * s_kd, mask=md[:, None] & mj[None, :], other=0.0)
         s = fdot(q, kt, tl.zeros((BM, BN), dtype=tl.float32), FP32_DOT, PREC) * scale
-        bias = tl.load(b_ptr + hh * s_bh + ri[:, None] * s_b0 + rj[None, :] * s_b1,
+        bias = tl.load(b_rows + n64 * s_b1 + im[:, None] * s_b0 + jn[None, :] * s_b1,
                        mask=mi[:, None] & mj[None, :], other=float("-inf")).to(tl.float32)
         s = tl.where(mj[None, :], s + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -84,7 +90,7 @@ def _attn_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + hh * s_vh + rj[:, None] * s_vn + rd[None, :] * s_vd, mask=mj[:, None] & md[None, :], other=0.0)
+        v = tl.load(v_head + n64 * s_vn + jn[:, None] * s_vn + rd[None, :] * s_vd, mask=mj[:, None] & md[None, :], other=0.0)
         if FP32_DOT:
             acc = fdot(p, v, acc * alpha[:, None], FP32_DOT, PREC)
         else:
@@ -93,17 +99,17 @@ def _attn_fwd_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(o_ptr + hh * s_oh + ri[:, None] * s_on + rd[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + hh * s_oh + m0 * s_on + im[:, None] * s_on + rd[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
              mask=mi[:, None] & md[None, :])
-    tl.store(lse_ptr + hh * n + ri, lse, mask=mi)
+    tl.store(lse_ptr + hh * n + m0 + im, lse, mask=mi)
 
 
 @triton.jit
-def _attn_probs(q, kt, b_ptr, hh, ri, rj, mi, mj, s_bh, s_b0, s_b1, lse, scale,
+def _attn_probs(q, kt, b_blk, im, jn, mi, mj, s_b0, s_b1, lse, scale,
                 FP32_DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Recomputed probabilities P (BM,BN) fp32 of one (query block, key block) pair."""
+    """Recomputed probabilities P (BM,BN) fp32 of one (query block, key block) pair; b_blk = bias tile base."""
     s = fdot(q, kt, tl.zeros((BM, BN), dtype=tl.float32), FP32_DOT, PREC) * scale
-    bias = tl.load(b_ptr + hh * s_bh + ri[:, None] * s_b0 + rj[None, :] * s_b1,
+    bias = tl.load(b_blk + im[:, None] * s_b0 + jn[None, :] * s_b1,
                    mask=mi[:, None] & mj[None, :], other=float("-inf")).to(tl.float32)
     s = tl.where(mj[None, :], s + bias, float("-inf"))
     return tl.exp(s - lse[:, None])
@@ -119,24 +125,30 @@ def _attn_bwd_dkdv_kernel(
     FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
+    n0 = tl.program_id(0).to(tl.int64) * BN
     hh = tl.program_id(1).to(tl.int64)
-    rj = pid_n * BN + tl.arange(0, BN).to(tl.int64)
-    rd = tl.arange(0, BD).to(tl.int64)
-    mj = rj < n
+    jn = tl.arange(0, BN)
+    im = tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    mj = (n0 + jn) < n
     md = rd < DH
-    kt = tl.load(k_ptr + hh * s_kh + rj[None, :] * s_kn + rd[:, None] * s_kd, mask=md[:, None] & mj[None, :], other=0.0)
-    vt = tl.load(v_ptr + hh * s_vh + rj[None, :] * s_vn + rd[:, None] * s_vd, mask=md[:, None] & mj[None, :], other=0.0)
+    kt = tl.load(k_ptr + hh * s_kh + n0 * s_kn + jn[None, :] * s_kn + rd[:, None] * s_kd,
+                 mask=md[:, None] & mj[None, :], other=0.0)
+    vt = tl.load(v_ptr + hh * s_vh + n0 * s_vn + jn[None, :] * s_vn + rd[:, None] * s_vd,
+                 mask=md[:, None] & mj[None, :], other=0.0)
+    q_head = q_ptr + hh * s_qh
+    do_head = do_ptr + hh * s_dh
+    b_cols = b_ptr + hh * s_bh + n0 * s_b1
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dv = tl.zeros((BN, BD), dtype=tl.float32)
     for m0 in range(0, n, BM):
-        ri = m0 + tl.arange(0, BM).to(tl.int64)
-        mi = ri < n
-        q = tl.load(q_ptr + hh * s_qh + ri[:, None] * s_qn + rd[None, :] * s_qd, mask=mi[:, None] & md[None, :], other=0.0)
-        do = tl.load(do_ptr + hh * s_dh + ri[:, None] * s_dn + rd[None, :] * s_dd, mask=mi[:, None] & md[None, :], other=0.0)
-        lse = tl.load(lse_ptr + hh * n + ri, mask=mi, other=float("inf"))
-        delta = tl.load(delta_ptr + hh * n + ri, mask=mi, other=0.0)
-        p = _attn_probs(q, kt, b_ptr, hh, ri, rj, mi, mj, s_bh, s_b0, s_b1, lse, scale, FP32_DOT, PREC, BM, BN)
+        m64 = n0 * 0 + m0
+        mi = (m0 + im) < n
+        q = tl.load(q_head + m64 * s_qn + im[:, None] * s_qn + rd[None, :] * s_qd, mask=mi[:, None] & md[None, :], other=0.0)
+        do = tl.load(do_head + m64 * s_dn + im[:, None] * s_dn + rd[None, :] * s_dd, mask=mi[:, None] & md[None, :], other=0.0)
+        lse = tl.load(lse_ptr + hh * n + m64 + im, mask=mi, other=float("inf"))
+        delta = tl.load(delta_ptr + hh * n + m64 + im, mask=mi, other=0.0)
+        p = _attn_probs(q, kt, b_cols + m64 * s_b0, im, jn, mi, mj, s_b0, s_b1, lse, scale, FP32_DOT, PREC, BM, BN)
         dp = fdot(do, vt, tl.zeros((BM, BN), dtype=tl.float32), FP32_DOT, PREC)
         ds = p * (dp - delta[:, None])
         if FP32_DOT:
@@ -146,8 +158,9 @@ def _attn_bwd_dkdv_kernel(
             dv = fdot(tl.trans(p.to(do.dtype)), do, dv, FP32_DOT, PREC)
             dk = fdot(tl.trans(ds.to(q.dtype)), q, dk, FP32_DOT, PREC)
     om = mj[:, None] & md[None, :]
-    tl.store(dk_ptr + hh * n * DH + rj[:, None] * DH + rd[None, :], dk * scale, mask=om)
-    tl.store(dv_ptr + hh * n * DH + rj[:, None] * DH + rd[None, :], dv, mask=om)
+    out_off = hh * n * DH + n0 * DH
+    tl.store(dk_ptr + out_off + jn[:, None] * DH + rd[None, :], dk * scale, mask=om)
+    tl.store(dv_ptr + out_off + jn[:, None] * DH + rd[None, :], dv, mask=om)
 
 
 @triton.jit
@@ -161,23 +174,33 @@ def _attn_bwd_dq_kernel(
     FP32_DOT: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
+    m0 = tl.program_id(0).to(tl.int64) * BM
     hh = tl.program_id(1).to(tl.int64)
-    ri = pid_m * BM + tl.arange(0, BM).to(tl.int64)
-    rd = tl.arange(0, BD).to(tl.int64)
-    mi = ri < n
+    im = tl.arange(0, BM)
+    jn = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    mi = (m0 + im) < n
     md = rd < DH
-    q = tl.load(q_ptr + hh * s_qh + ri[:, None] * s_qn + rd[None, :] * s_qd, mask=mi[:, None] & md[None, :], other=0.0)
-    do = tl.load(do_ptr + hh * s_dh + ri[:, None] * s_dn + rd[None, :] * s_dd, mask=mi[:, None] & md[None, :], other=0.0)
-    lse = tl.load(lse_ptr + hh * n + ri, mask=mi, other=float("inf"))
-    delta = tl.load(delta_ptr + hh * n + ri, mask=mi, other=0.0)
+    q = tl.load(q_ptr + hh * s_qh + m0 * s_qn + im[:, None] * s_qn + rd[None, :] * s_qd,
+                mask=mi[:, None] & md[None, :], other=0.0)
+    do = tl.load(do_ptr + hh * s_dh + m0 * s_dn + im[:, None] * s_dn + rd[None, :] * s_dd,
+                 mask=mi[:, None] & md[None, :], other=0.0)
+    lse = tl.load(lse_ptr + hh * n + m0 + im, mask=mi, other=float("inf"))
+    delta = tl.load(delta_ptr + hh * n + m0 + im, mask=mi, other=0.0)
+    k_head = k_ptr + hh * s_kh
+    v_head = v_ptr + hh * s_vh
+    b_rows = b_ptr + hh * s_bh + m0 * s_b0
+    if BIAS_SHARED:
+        db_rows = db_ptr + m0 * n
+    else:
+        db_rows = db_ptr + hh * s_dbh + m0 * n
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     for n0 in range(0, n, BN):
-        rj = n0 + tl.arange(0, BN).to(tl.int64)
-        mj = rj < n
-        kt = tl.load(k_ptr + hh * s_kh + rj[None, :] * s_kn + rd[:, None] * s_kd, mask=md[:, None] & mj[None, :], other=0.0)
-        vt = tl.load(v_ptr + hh * s_vh + rj[None, :] * s_vn + rd[:, None] * s_vd, mask=md[:, None] & mj[None, :], other=0.0)
-        p = _attn_probs(q, kt, b_ptr, hh, ri, rj, mi, mj, s_bh, s_b0, s_b1, lse, scale, FP32_DOT, PREC, BM, BN)
+        n64 = m0 * 0 + n0
+        mj = (n0 + jn) < n
+        kt = tl.load(k_head + n64 * s_kn + jn[None, :] * s_kn + rd[:, None] * s_kd, mask=md[:, None] & mj[None, :], other=0.0)
+        vt = tl.load(v_head + n64 * s_vn + jn[None, :] * s_vn + rd[:, None] * s_vd, mask=md[:, None] & mj[None, :], other=0.0)
+        p = _attn_probs(q, kt, b_rows + n64 * s_b1, im, jn, mi, mj, s_b0, s_b1, lse, scale, FP32_DOT, PREC, BM, BN)
         dp = fdot(do, vt, tl.zeros((BM, BN), dtype=tl.float32), FP32_DOT, PREC)
         ds = p * (dp - delta[:, None])
         if FP32_DOT:
@@ -187,18 +210,23 @@ def _attn_bwd_dq_kernel(
         if BIAS_GRAD:
             bm = mi[:, None] & mj[None, :]
             if BIAS_SHARED:
-                tl.atomic_add(db_ptr + ri[:, None] * n + rj[None, :], ds, mask=bm)
+                tl.atomic_add(db_rows + n64 + im[:, None] * n + jn[None, :], ds, mask=bm)
             else:
-                tl.store(db_ptr + hh * s_dbh + ri[:, None] * n + rj[None, :], ds, mask=bm)
-    tl.store(dq_ptr + hh * n * DH + ri[:, None] * DH + rd[None, :], dq * scale, mask=mi[:, None] & md[None, :])
+                tl.store(db_rows + n64 + im[:, None] * n + jn[None, :], ds, mask=bm)
+    tl.store(dq_ptr + hh * n * DH + m0 * DH + im[:, None] * DH + rd[None, :], dq * scale, mask=mi[:, None] & md[None, :])
 
 
-def _attn_blocks(n: int, dh: int) -> tuple[int, int, int, int]:
+def _attn_blocks(n: int, dh: int, fp32_dot: bool) -> tuple[int, int, int, int]:
     bd = next_pow2(dh, 16)
     if interpreting():
         b = min(next_pow2(n, 16), 128)
         return b, b, bd, 4
-    return 64, 64, bd, 4 if bd <= 64 else 8
+    # register budgets checked with ptxas (kernels/_aot.py, sm_90, dh = 64): 16-bit operands fit
+    # 64x64 tiles in 8 warps (113-215 registers, no spills); fp32 operands run three TF32 products
+    # per dot (tf32x3) and need 32x32 tiles to keep spills small
+    if fp32_dot:
+        return 32, 32, bd, 4
+    return 64, 64, bd, 8
 
 
 def _bias_strides(bias: torch.Tensor) -> tuple[int, int, int]:
@@ -212,8 +240,8 @@ def attention_forward(q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
     H, n, dh = q.shape
     out = torch.empty((H, n, dh), device=q.device, dtype=q.dtype)
     lse = torch.empty((H, n), device=q.device, dtype=torch.float32)
-    bm, bn, bd, warps = _attn_blocks(n, dh)
     fp32_dot, prec = dot_config(q.dtype, k.dtype, v.dtype)
+    bm, bn, bd, warps = _attn_blocks(n, dh, fp32_dot)
     sb = _bias_strides(bias)
     _attn_fwd_kernel[(triton.cdiv(n, bm), H)](
         q, k, v, bias, out, lse, n, dh,
@@ -237,8 +265,8 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, need_bias_grad: bool):
     dbias = None
     if need_bias_grad:
         dbias = torch.zeros(bias.shape, device=dev, dtype=torch.float32)
-    bm, bn, bd, warps = _attn_blocks(n, dh)
     fp32_dot, prec = dot_config(q.dtype, k.dtype, v.dtype, grad_out.dtype)
+    bm, bn, bd, warps = _attn_blocks(n, dh, fp32_dot)
     sb = _bias_strides(bias)
     common = (
         n, dh,
