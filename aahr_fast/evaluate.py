@@ -156,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_save_json(result, Path(args.json))
         return 0
     except AAHRError as err:
-        log(f"error: {err}")
+        from aahr_fast.utils.validate import error_message
+
+        log(f"error: {error_message(err)}")
         return 2
 
 

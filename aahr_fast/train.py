@@ -213,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AAHRError as err:
         from aahr_fast.engine import NonFiniteLossError
 
-        log(f"error: {err}")
+        from aahr_fast.utils.validate import error_message
+
+        log(f"error: {error_message(err)}")
         return 3 if isinstance(err, NonFiniteLossError) else 2
 
 
