@@ -103,6 +103,20 @@ def test_intra_relevance_near_duplicates_are_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_intra_relevance_clustered_rows(dtype):
+    # tight clusters: many pairs take the backward's exact near-pair path, the rest the GEMM path
+    centers = torch.randn(3, 32, dtype=torch.float64)
+    x = (centers.repeat(6, 1) + 0.05 * torch.randn(18, 32, dtype=torch.float64)).to(dtype)
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, got = ops.intra_relevance(xr, 0.5, **REF), ops.intra_relevance(xc, 0.5, **CPP)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    g = torch.randn(18, 18, dtype=dtype)
+    (gr,) = torch.autograd.grad((ref * g).sum(), xr)
+    (gc,) = torch.autograd.grad((got * g).sum(), xc)
+    torch.testing.assert_close(gc, gr, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_intra_relevance_zero_and_duplicate_rows_have_zero_not_nan_gradient(dtype):
     x = torch.zeros(4, 6, dtype=dtype)
     x[3] = 1.0  # rows 0..2 are identical all-zero vectors

@@ -16,13 +16,15 @@
 // Backward of A w.r.t. X (a subgradient 0 where d_ij = 0, so the diagonal and duplicated rows
 // give no NaN): with Gt the total upstream gradient on an intra block,
 //   W_ij  = -(Gt_ij + Gt_ji) * A_ij / (sigma * d_ij)   (0 where d_ij == 0)
-//   dX_i  = sum_j W_ij (x_i - x_j)                      (exact differences, register-tiled)
+//   dX_i  = sum_j W_ij (x_i - x_j)  = (diag(W 1) X - W X)_i over far pairs (one GEMM)
+//           + exact differences over near pairs (d_ij <= 0.25 max(|x_i|, |x_j|))
 // Gt = grad_relevance + lam * connection * grad_attn_bias. rel_i2t / rel_t2i are constants of the
 // op (the reference detaches them); their gradient is still available from the kernel.
 
 #include <torch/library.h>
 
 #include <array>
+#include <utility>
 #include <vector>
 
 #include "d2_common.h"
@@ -129,7 +131,9 @@ void pairwise_dist(const scalar_t* x, int64_t B, int64_t D, scalar_t* dist) {
 template <typename scalar_t>
 inline void relevance_row(const scalar_t* dist_row, int64_t B, int64_t i, scalar_t sigma,
                           scalar_t* rel_row) {
-  for (int64_t j = 0; j < B; ++j) rel_row[j] = -dist_row[j] / sigma;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec vs(sigma);
+  at::vec::map([vs](Vec d) { return d.neg() / vs; }, rel_row, dist_row, B);
   exp_affine(rel_row, rel_row, B, scalar_t(1), scalar_t(0));
   rel_row[i] = scalar_t(1);
 }
@@ -154,56 +158,67 @@ std::tuple<Tensor, Tensor> intra_relevance_fwd(const Tensor& x_in, double sigma)
   return {rel, dist};
 }
 
+// Pairs closer than this fraction of the larger row norm take the exact-difference path in the
+// backward; the others go through one GEMM, where writing W_ij (x_i - x_j) as W_ij x_i - W_ij x_j
+// amplifies rounding by at most |x| / d_ij <= 1 / kNearPair.
+constexpr double kNearPair = 0.25;
+
 // dX_i = sum_j W_ij (x_i - x_j) with W_ij = -(gt_ij + gt_ji) rel_ij / (sigma d_ij) (0 where
 // d_ij == 0), from the total upstream gradient `gt` of an intra block (row stride ld_gt), the
-// relevance block (row stride ld_rel) and the distances. Exact differences, as in the forward.
+// relevance block (row stride ld_rel) and the distances.
+// Far pairs: dX = diag(W_far 1) X - W_far X (one GEMM). Near pairs (d_ij <= kNearPair *
+// max(|x_i|, |x_j|), e.g. near-duplicate rows, where W_ij ~ 1 / d_ij is large and the GEMM form
+// would cancel catastrophically): added with exact differences, like the reference's cdist backward.
 template <typename scalar_t>
 Tensor intra_backward(const scalar_t* gt, int64_t ld_gt, const scalar_t* rel, int64_t ld_rel,
                       const scalar_t* dist, const Tensor& x, double sigma) {
   const int64_t B = x.size(0), D = x.size(1);
-  std::vector<scalar_t> Wbuf(B * B);
-  scalar_t* w = Wbuf.data();
-  const scalar_t sg = scalar_t(sigma);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  std::vector<scalar_t> norms(B), rsum(B);
+  for (int64_t i = 0; i < B; ++i) norms[i] = std::sqrt(row_dot(xp + i * D, xp + i * D, D));
+  Tensor Wfar = at::empty({B, B}, x.options());
+  scalar_t* w = Wfar.data_ptr<scalar_t>();
+  std::vector<std::vector<std::pair<int64_t, scalar_t>>> near(B);
+  const scalar_t sg = scalar_t(sigma), cnear = scalar_t(kNearPair);
   at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
+      scalar_t acc = 0;
       for (int64_t j = 0; j < B; ++j) {
         const scalar_t dij = dist[i * B + j];
-        w[i * B + j] = dij == scalar_t(0)
-                           ? scalar_t(0)  // diagonal / duplicates: subgradient 0 (NaN propagates)
-                           : -(gt[i * ld_gt + j] + gt[j * ld_gt + i]) * rel[i * ld_rel + j] /
-                                 (sg * dij);
+        scalar_t val = 0;
+        if (!(dij == scalar_t(0))) {  // diagonal / duplicates: subgradient 0 (NaN propagates)
+          val = -(gt[i * ld_gt + j] + gt[j * ld_gt + i]) * rel[i * ld_rel + j] / (sg * dij);
+          if (dij <= cnear * std::max(norms[i], norms[j])) {
+            near[i].emplace_back(j, val);
+            val = 0;
+          }
+        }
+        w[i * B + j] = val;
+        acc += val;
       }
+      rsum[i] = acc;
     }
   });
-  Tensor out = at::empty({B, D}, x.options());
+  Tensor out = at::mm(Wfar, x);  // W_far X
   scalar_t* o = out.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
     using Vec = at::vec::Vectorized<scalar_t>;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = 4 * t;
-      const int ni = int(std::min<int64_t>(4, B - i0));
+    for (int64_t i = b0; i < b1; ++i) {
+      scalar_t* orow = o + i * D;
+      const scalar_t* xi = xp + i * D;
+      const Vec ri(rsum[i]);
       int64_t k = 0;
-      for (; k + Vec::size() <= D; k += Vec::size()) {
-        Vec xi[4], acc[4];
-        for (int r = 0; r < ni; ++r) {
-          xi[r] = Vec::loadu(xp + (i0 + r) * D + k);
-          acc[r] = Vec(scalar_t(0));
-        }
-        for (int64_t j = 0; j < B; ++j) {
-          const Vec xj = Vec::loadu(xp + j * D + k);
-          for (int r = 0; r < ni; ++r)
-            acc[r] = at::vec::fmadd(Vec(w[(i0 + r) * B + j]), xi[r] - xj, acc[r]);
-        }
-        for (int r = 0; r < ni; ++r) acc[r].store(o + (i0 + r) * D + k);
-      }
-      for (; k < D; ++k) {
-        for (int r = 0; r < ni; ++r) {
-          const scalar_t xik = xp[(i0 + r) * D + k];
-          scalar_t acc = 0;
-          for (int64_t j = 0; j < B; ++j) acc += w[(i0 + r) * B + j] * (xik - xp[j * D + k]);
-          o[(i0 + r) * D + k] = acc;
-        }
+      for (; k + Vec::size() <= D; k += Vec::size())
+        at::vec::fmsub(ri, Vec::loadu(xi + k), Vec::loadu(orow + k)).store(orow + k);
+      for (; k < D; ++k) orow[k] = rsum[i] * xi[k] - orow[k];
+      for (const auto& [j, wij] : near[i]) {  // exact differences for near pairs
+        const scalar_t* xj = xp + j * D;
+        const Vec vw(wij);
+        k = 0;
+        for (; k + Vec::size() <= D; k += Vec::size())
+          at::vec::fmadd(vw, Vec::loadu(xi + k) - Vec::loadu(xj + k), Vec::loadu(orow + k))
+              .store(orow + k);
+        for (; k < D; ++k) orow[k] += wij * (xi[k] - xj[k]);
       }
     }
   });
@@ -237,7 +252,7 @@ Tensor topk_connection(const Tensor& s_in, int64_t k) {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     bool* mp = mask.data_ptr<bool>();
     at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {
-      std::vector<int64_t> idx;
+      std::vector<typename TopkKey<scalar_t>::type> idx;
       for (int64_t r = r0; r < r1; ++r) topk_row_mask(sp + r * C, C, k, mp + r * C, idx);
     });
   });
@@ -294,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> instance_fwd(
     const scalar_t lamc = scalar_t(lam);
     const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
     at::parallel_for(0, N, kRowGrain, [&](int64_t r0, int64_t r1) {
-      std::vector<int64_t> idx;
+      std::vector<typename TopkKey<scalar_t>::type> idx;
       for (int64_t r = r0; r < r1; ++r) {
         const bool img = r < B;
         const int64_t i = img ? r : r - B;

@@ -9,12 +9,13 @@
 //   then the GEMMs of the chain rule.
 //
 // masked_attention:  P = softmax_j(q_i . k_j / sqrt(dh) + bias_ij),  out = P v  (per head)
-//   bias = -inf marks "not connected"; a row with no connection (all -inf) gets P = 0, out = 0
-//   and zero gradients. Forward: one batched GEMM for the logits, one fused pass per row (scale,
-//   bias, max, exp, normalise, fully-masked rows) written in place, one batched GEMM for P v.
-//   Backward: dP = dO v^T; a fused pass per row computes dS = P * (dP - sum_j P dP), reduces dS
-//   over the heads into d_bias and scales dS by 1/sqrt(dh); then dq = dS k, dk = dS^T q,
-//   dv = P^T dO.
+//   bias (n, n) shared by the heads or (H, n, n); -inf marks "not connected"; a row with no
+//   connection (all -inf) gets P = 0, out = 0 and zero gradients. Head by head (the head's (n, n)
+//   block stays in cache): forward = GEMM for the logits, one fused pass per row (scale, bias,
+//   max, exp, normalise, fully-masked rows) in place, GEMM for P v; the probabilities P are kept.
+//   Backward: dP = dO v^T into one reused (n, n) buffer; a fused pass per row computes
+//   dS = P * (dP - sum_j P dP), adds dS to d_bias and scales it by 1/sqrt(dh); then dq = dS k,
+//   dk = dS^T q, dv = P^T dO.
 
 #include <torch/library.h>
 
@@ -144,7 +145,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gcn_bwd(const Tensor& g_in, const Ten
 }
 
 // ---------------------------------------------------------------------------------------------
-// masked_attention forward. Returns (out (H,n,dh), P (H,n,n)).
+// Softmax rows [r0, r1) of one head's logits in place: row = softmax(row * scale + bias_row); a row
+// whose maximum is -inf (no connection) becomes all zeros.
+template <typename scalar_t>
+void softmax_rows(scalar_t* S, const scalar_t* bias, int64_t n, int64_t r0, int64_t r1,
+                  scalar_t scale) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec vsc(scale);
+  for (int64_t r = r0; r < r1; ++r) {
+    scalar_t* row = S + r * n;
+    at::vec::map2([vsc](Vec x, Vec b) { return at::vec::fmadd(x, vsc, b); }, row, row,
+                  bias + r * n, n);
+    const scalar_t m = row_max(row, n);
+    if (m == -std::numeric_limits<scalar_t>::infinity()) {
+      std::fill(row, row + n, scalar_t(0));
+      continue;
+    }
+    exp_affine(row, row, n, scalar_t(1), -m);
+    const Vec inv(scalar_t(1) / row_sum(row, n));
+    at::vec::map([inv](Vec x) { return x * inv; }, row, row, n);
+  }
+}
+
+// masked_attention forward. Returns (out (H,n,dv), P (H,n,n)). Head by head, so the (n, n) logits
+// of a head stay in cache between the GEMM that writes them, the softmax pass and the GEMM P v.
 std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const Tensor& bias_in, double scale) {
   check_cpu_float(q, "q", 3);
@@ -165,41 +189,28 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
                        : bias_in.sizes() == at::IntArrayRef({n, n}),
               "bias must be (", n, ", ", n, ") or (", H, ", ", n, ", ", n, "), got ", bias_in.sizes());
   const Tensor bias = bias_in.contiguous();
-  Tensor P = at::bmm(q, k.transpose(1, 2)).contiguous();  // (H, n, n) raw logits
-  AT_DISPATCH_FLOATING_TYPES(st, "attn_fwd_softmax", [&] {
-    scalar_t* pp = P.data_ptr<scalar_t>();
+  Tensor P = at::empty({H, n, n}, q.options());
+  Tensor out = at::empty({H, n, v.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(st, "attn_fwd", [&] {
     const scalar_t* bp = bias.data_ptr<scalar_t>();
-    const scalar_t sc = scalar_t(scale);
-    at::parallel_for(0, H * n, kRowGrain, [&](int64_t r0, int64_t r1) {
-      using Vec = at::vec::Vectorized<scalar_t>;
-      const Vec vsc(sc);
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* row = pp + r * n;
-        const scalar_t* brow = bp + (per_head ? r : r % n) * n;
-        int64_t j = 0;
-        for (; j + Vec::size() <= n; j += Vec::size())
-          at::vec::fmadd(Vec::loadu(row + j), vsc, Vec::loadu(brow + j)).store(row + j);
-        for (; j < n; ++j) row[j] = row[j] * sc + brow[j];
-        const scalar_t m = row_max(row, n);
-        if (m == -std::numeric_limits<scalar_t>::infinity()) {  // no connection in this row
-          std::fill(row, row + n, scalar_t(0));
-          continue;
-        }
-        exp_affine(row, row, n, scalar_t(1), -m);
-        const scalar_t inv = scalar_t(1) / row_sum(row, n);
-        const Vec vinv(inv);
-        j = 0;
-        for (; j + Vec::size() <= n; j += Vec::size())
-          (Vec::loadu(row + j) * vinv).store(row + j);
-        for (; j < n; ++j) row[j] *= inv;
-      }
-    });
+    for (int64_t h = 0; h < H; ++h) {
+      Tensor Ph = P.select(0, h), Oh = out.select(0, h);
+      at::mm_out(Ph, q.select(0, h), k.select(0, h).t());
+      scalar_t* pp = Ph.data_ptr<scalar_t>();
+      const scalar_t* bh = bp + (per_head ? h * n * n : 0);
+      at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+        softmax_rows(pp, bh, n, r0, r1, scalar_t(scale));
+      });
+      at::mm_out(Oh, Ph, v.select(0, h));
+    }
   });
-  Tensor out = at::bmm(P, v);
   return {out, P};
 }
 
 // masked_attention backward. needs = (q, k, v, bias). Returns (dq, dk, dv, dbias).
+// Head by head with one reused (n, n) buffer (cache-resident): dP = dO v^T; one pass per row gives
+// dS = P * (dP - sum_j P dP), adds it to d_bias (summed over heads in order: deterministic) and
+// scales it by 1/sqrt(dh) in place; then dq = dS k, dk = dS^T q; dv = P^T dO.
 std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const Tensor& q,
                                                     const Tensor& k, const Tensor& v,
                                                     const Tensor& P, double scale,
@@ -207,38 +218,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const T
   const Tensor go = go_in.to(P.scalar_type());
   const int64_t H = P.size(0), n = P.size(1);
   const auto empty = at::empty({0}, P.options());
-  Tensor dq = empty, dk = empty, dv = empty, db = empty;
-  if (needs[2]) dv = at::bmm(P.transpose(1, 2), go);
-  if (!(needs[0] || needs[1] || needs[3])) return {dq, dk, dv, db};
-  Tensor dS = at::bmm(go, v.transpose(1, 2)).contiguous();  // dP, overwritten by dS * scale
-  Tensor dbias = needs[3] ? (per_head ? at::empty({H, n, n}, P.options())
-                                       : at::empty({n, n}, P.options()))
-                          : empty;
-  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "attn_bwd_softmax", [&] {
-    scalar_t* dp = dS.data_ptr<scalar_t>();
-    const scalar_t* pp = P.data_ptr<scalar_t>();
-    scalar_t* dbp = needs[3] ? dbias.data_ptr<scalar_t>() : nullptr;
+  Tensor dq = needs[0] ? at::empty(q.sizes(), P.options()) : empty;
+  Tensor dk = needs[1] ? at::empty(k.sizes(), P.options()) : empty;
+  Tensor dv = needs[2] ? at::empty(v.sizes(), P.options()) : empty;
+  Tensor db = needs[3] ? at::zeros(per_head ? at::IntArrayRef({H, n, n}) : at::IntArrayRef({n, n}),
+                                   P.options())
+                       : empty;
+  const bool need_ds = needs[0] || needs[1] || needs[3];
+  Tensor dS = need_ds ? at::empty({n, n}, P.options()) : empty;
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "attn_bwd", [&] {
     const scalar_t sc = scalar_t(scale);
-    // Rows i in parallel, heads inside: each task owns d_bias rows i (of every head), so no race;
-    // a shared (n, n) bias sums dS over the heads in a fixed order (deterministic).
-    at::parallel_for(0, n, 4, [&](int64_t i0, int64_t i1) {
-      using Vec = at::vec::Vectorized<scalar_t>;
-      const Vec vsc(sc);
-      for (int64_t i = i0; i < i1; ++i) {
-        scalar_t* dbrow = nullptr;
-        if (dbp && !per_head) {
-          dbrow = dbp + i * n;
-          std::fill(dbrow, dbrow + n, scalar_t(0));
-        }
-        for (int64_t h = 0; h < H; ++h) {
-          if (dbp && per_head) {
-            dbrow = dbp + (h * n + i) * n;
-            std::fill(dbrow, dbrow + n, scalar_t(0));
-          }
-          scalar_t* drow = dp + (h * n + i) * n;
-          const scalar_t* prow = pp + (h * n + i) * n;
+    for (int64_t h = 0; h < H; ++h) {
+      const Tensor Ph = P.select(0, h), gh = go.select(0, h);
+      if (needs[2]) {
+        Tensor dvh = dv.select(0, h);
+        at::mm_out(dvh, Ph.t(), gh);
+      }
+      if (!need_ds) continue;
+      at::mm_out(dS, gh, v.select(0, h).t());  // dP
+      scalar_t* dp = dS.data_ptr<scalar_t>();
+      const scalar_t* pp = Ph.data_ptr<scalar_t>();
+      scalar_t* dbh = needs[3] ? db.data_ptr<scalar_t>() + (per_head ? h * n * n : 0) : nullptr;
+      at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+        using Vec = at::vec::Vectorized<scalar_t>;
+        const Vec vsc(sc);
+        for (int64_t i = r0; i < r1; ++i) {
+          scalar_t* drow = dp + i * n;
+          const scalar_t* prow = pp + i * n;
           const scalar_t dl = row_dot(prow, drow, n);  // sum_j P_ij dP_ij
           const Vec delta(dl);
+          scalar_t* dbrow = dbh ? dbh + i * n : nullptr;
           int64_t j = 0;
           for (; j + Vec::size() <= n; j += Vec::size()) {
             const Vec ds = Vec::loadu(prow + j) * (Vec::loadu(drow + j) - delta);
@@ -251,12 +260,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const T
             drow[j] = ds * sc;
           }
         }
+      });
+      if (needs[0]) {
+        Tensor dqh = dq.select(0, h);
+        at::mm_out(dqh, dS, k.select(0, h));
       }
-    });
+      if (needs[1]) {
+        Tensor dkh = dk.select(0, h);
+        at::mm_out(dkh, dS.t(), q.select(0, h));
+      }
+    }
   });
-  if (needs[0]) dq = at::bmm(dS, k);
-  if (needs[1]) dk = at::bmm(dS.transpose(1, 2), q);
-  if (needs[3]) db = dbias;
   return {dq, dk, dv, db};
 }
 
