@@ -99,15 +99,17 @@ def _swav_loss_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rb = pid * BM + tl.arange(0, BM).to(tl.int64)
     mb = rb < B
-    # pass 1: online log-sum-exp of both logit rows, sum of both code rows, and sum_k q * logits
-    mv = tl.full((BM,), float("-inf"), tl.float32)
-    lv = tl.zeros((BM,), dtype=tl.float32)
-    mt = tl.full((BM,), float("-inf"), tl.float32)
-    lt = tl.zeros((BM,), dtype=tl.float32)
-    sqt = tl.zeros((BM,), dtype=tl.float32)
-    sqv = tl.zeros((BM,), dtype=tl.float32)
-    dotv = tl.zeros((BM,), dtype=tl.float32)
-    dott = tl.zeros((BM,), dtype=tl.float32)
+    # pass 1: per-element (BM, BK) running max / sum-of-exp of both logit rows, sums of both code rows
+    # and of q * logits, reduced across K only after the loop (an `acc += tl.sum(...)` loop carrying
+    # several accumulators trips an assertion in Triton 3.6's OptimizeThreadLocality pass)
+    mv2 = tl.full((BM, BK), float("-inf"), tl.float32)
+    lv2 = tl.zeros((BM, BK), dtype=tl.float32)
+    mt2 = tl.full((BM, BK), float("-inf"), tl.float32)
+    lt2 = tl.zeros((BM, BK), dtype=tl.float32)
+    sqt2 = tl.zeros((BM, BK), dtype=tl.float32)
+    sqv2 = tl.zeros((BM, BK), dtype=tl.float32)
+    dotv2 = tl.zeros((BM, BK), dtype=tl.float32)
+    dott2 = tl.zeros((BM, BK), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK).to(tl.int64)
         msk = mb[:, None] & (rk < K)[None, :]
@@ -117,20 +119,30 @@ def _swav_loss_kernel(
         qt = tl.load(qt_ptr + rb[:, None] * s_qt0 + rk[None, :] * s_qt1, mask=msk, other=0.0).to(tl.float32)
         zv_m = tl.where(msk, zv, float("-inf"))
         zt_m = tl.where(msk, zt, float("-inf"))
-        nv = tl.maximum(mv, tl.max(zv_m, axis=1))
-        nt = tl.maximum(mt, tl.max(zt_m, axis=1))
+        nv = tl.maximum(mv2, zv_m)
+        nt = tl.maximum(mt2, zt_m)
         nv_s = tl.where(nv == float("-inf"), 0.0, nv)
         nt_s = tl.where(nt == float("-inf"), 0.0, nt)
-        lv = lv * tl.exp(mv - nv_s) + tl.sum(tl.exp(zv_m - nv_s[:, None]), axis=1)
-        lt = lt * tl.exp(mt - nt_s) + tl.sum(tl.exp(zt_m - nt_s[:, None]), axis=1)
-        mv = nv
-        mt = nt
-        sqt += tl.sum(qt, axis=1)
-        sqv += tl.sum(qv, axis=1)
-        dotv += tl.sum(qt * zv, axis=1)
-        dott += tl.sum(qv * zt, axis=1)
-    lse_v = tl.where(lv > 0, mv + tl.log(tl.where(lv > 0, lv, 1.0)), 0.0)  # 0 only on padded rows
-    lse_t = tl.where(lt > 0, mt + tl.log(tl.where(lt > 0, lt, 1.0)), 0.0)
+        lv2 = lv2 * tl.exp(mv2 - nv_s) + tl.exp(zv_m - nv_s)
+        lt2 = lt2 * tl.exp(mt2 - nt_s) + tl.exp(zt_m - nt_s)
+        mv2 = nv
+        mt2 = nt
+        sqt2 += qt
+        sqv2 += qv
+        dotv2 += qt * zv
+        dott2 += qv * zt
+    mv = tl.max(mv2, axis=1)
+    mt = tl.max(mt2, axis=1)
+    mv_s = tl.where(mv == float("-inf"), 0.0, mv)
+    mt_s = tl.where(mt == float("-inf"), 0.0, mt)
+    lv = tl.sum(lv2 * tl.exp(mv2 - mv_s[:, None]), axis=1)
+    lt = tl.sum(lt2 * tl.exp(mt2 - mt_s[:, None]), axis=1)
+    sqt = tl.sum(sqt2, axis=1)
+    sqv = tl.sum(sqv2, axis=1)
+    dotv = tl.sum(dotv2, axis=1)
+    dott = tl.sum(dott2, axis=1)
+    lse_v = tl.where(lv > 0, mv_s + tl.log(tl.where(lv > 0, lv, 1.0)), 0.0)  # 0 only on padded rows
+    lse_t = tl.where(lt > 0, mt_s + tl.log(tl.where(lt > 0, lt, 1.0)), 0.0)
     # -sum_k q log softmax(z) = sum_k q * lse - sum_k q z
     row_loss = (sqt * lse_v - dotv) + (sqv * lse_t - dott)
     tl.store(loss_ptr + rb, row_loss, mask=mb)
