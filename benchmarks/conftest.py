@@ -176,3 +176,109 @@ def bench_tools() -> types.SimpleNamespace:
         median_seconds=median_seconds,
         record=record,
     )
+
+
+# ====================================================================================================
+# Suite options and run metadata (issue 6: end-to-end / scaling benchmarks + report generator).
+# Added by the owner of bench_train_step.py / bench_retrieval_eval.py / bench_scaling.py and
+# aahr_fast/benchmark_report.py; nothing above this line depends on it.
+#
+# * ``--full``: wider sweeps (bench_scaling.py) and the paper-width training step (bench_train_step.py).
+# * One intra-op thread is the suite's default: without an explicit ``AAHR_BENCH_THREADS`` the rows of the
+#   ``threads`` fixture other than 1 are deselected (2-thread timings on these 2 shared cores stall whenever
+#   anything else runs), and every benchmark starts from ``torch.set_num_threads(1)``.
+#   ``AAHR_BENCH_THREADS=1,2`` brings the 2-thread rows back.
+# * ``--benchmark-json`` output gets ``machine_info["aahr"]`` (CPU model, cores, torch / triton / numpy /
+#   python versions, thread settings, load average) and ``aahr_suite`` (wall time of the session, dates,
+#   options), read by ``python -m aahr_fast.benchmark_report``.
+# ====================================================================================================
+_SUITE_T0 = time.time()
+
+
+def _suite_threads() -> int:
+    return _thread_counts()[0] if os.environ.get("AAHR_BENCH_THREADS") else 1
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("aahr_fast benchmarks")
+    group.addoption("--full", action="store_true", default=False,
+                    help="aahr_fast: run the long sweeps (scaling up to B=1024, paper-width training step)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("AAHR_BENCH_THREADS"):
+        return
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        t = callspec.params.get("threads") if callspec is not None else None
+        (drop if t is not None and t != 1 else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_thread_default():
+    """Every benchmark starts from the suite's thread count (1 unless AAHR_BENCH_THREADS says otherwise)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(_suite_threads())
+    yield
+    torch.set_num_threads(old)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import platform
+
+    import numpy
+
+    info = dict(
+        cpu_model=_cpu_model(),
+        logical_cpus=os.cpu_count(),
+        usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        torch=torch.__version__,
+        triton=_version("triton"),
+        numpy=numpy.__version__,
+        python=platform.python_version(),
+        torch_threads_default=_suite_threads(),
+        bench_threads=os.environ.get("AAHR_BENCH_THREADS") or "1 (suite default)",
+        cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        loadavg_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        full=bool(config.getoption("--full", default=False)),
+    )
+    machine_info["aahr"] = info
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    end = time.time()
+    output_json["aahr_suite"] = dict(
+        wall_s=round(end - _SUITE_T0, 2),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(_SUITE_T0)),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(end)),
+        loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        full=bool(config.getoption("--full", default=False)),
+        args=list(config.invocation_params.args),
+    )
