@@ -14,6 +14,11 @@ from aahr_fast.models.losses import (dws_negative_probs, dws_triplet, dws_triple
 from aahr_fast.utils.errors import ConfigError, DataError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)   # tiny tensors; conftest restores the thread count
+
+
 def _pairs_from_sim(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a = I, b = sim^T so that a @ b^T == sim exactly."""
     n = sim.shape[0]

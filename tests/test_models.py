@@ -18,6 +18,14 @@ from aahr_fast.utils.errors import ConfigError, DataError
 DIMS = dict(region_dim=12, img_global_dim=6, token_dim=10, txt_global_dim=5)
 
 
+@pytest.fixture(autouse=True)
+def _reference_ops(monkeypatch):
+    """Model-logic tests use the reference ops, so they never wait for a (re)build of the C++ extension;
+    :func:`test_ops_backend_switch_changes_no_model_code` checks the default backend against it."""
+    monkeypatch.setenv("AAHR_OPS_BACKEND", "reference")
+    torch.set_num_threads(1)   # tiny tensors: extra threads only spin on the shared 2-core machine (conftest restores)
+
+
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(embed_dim=16, frag_heads=2, graph_heads=2, pool_heads=2, num_prototypes=8, queue_size=20,
                 proto_start=0, graph_start=0, moco_start=0)
@@ -122,6 +130,16 @@ def test_maxk_pool_over_valid_only():
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     out = maxk_pool(x, mask, k=2)
     assert out[:, 0].tolist() == [4.0, 2.0]   # (5+3)/2 ; a single valid region averages over itself
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_maxk_pool_matches_per_item_topk_and_gradcheck(k):
+    x = torch.randn(5, 7, 4, dtype=torch.float64, requires_grad=True)
+    lens = torch.tensor([1, 2, 7, 3, 5])
+    mask = torch.arange(7)[None] < lens[:, None]
+    ref = torch.stack([x[i, :n].topk(min(k, n), dim=0).values.mean(0) for i, n in enumerate(lens.tolist())])
+    assert torch.allclose(maxk_pool(x, mask, k), ref)
+    assert torch.autograd.gradcheck(lambda t: maxk_pool(t, mask, k), (x,))
 
 
 def test_masked_batchnorm_ignores_padding():
@@ -422,9 +440,12 @@ def test_dataclass_roundtrip():
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
 
 
-def test_ops_backend_switch_changes_no_model_code():
+@pytest.mark.slow   # the first call may JIT-build the C++ extension (minutes on 2 cores)
+def test_ops_backend_switch_changes_no_model_code(monkeypatch):
     """Same weights, same batch: the reference ops and the default CPU backend give the same losses."""
     from aahr_fast.ops import resolve_backend
+
+    monkeypatch.delenv("AAHR_OPS_BACKEND", raising=False)
 
     if resolve_backend(None, torch.zeros(2), op="gcn_layer") == "reference":
         pytest.skip("no compiled CPU backend here; only the reference is available")

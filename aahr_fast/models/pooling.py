@@ -37,7 +37,16 @@ def maxk_pool(x: torch.Tensor, mask: torch.Tensor, k: int = 2) -> torch.Tensor:
     """
     kk = min(k, x.shape[1])
     xm = x.masked_fill(~mask[:, :, None], float("-inf"))
-    top = xm.topk(kk, dim=1).values                                    # (B, kk, D)
+    if kk <= 4:   # k successive maxima: ~3x faster than topk over a middle axis on CPU (k = 2 in AAHR)
+        vals = []
+        for j in range(kk):
+            m, idx = xm.max(dim=1)
+            vals.append(m)
+            if j + 1 < kk:
+                xm = xm.scatter(1, idx[:, None, :], float("-inf"))
+        top = torch.stack(vals, dim=1)                                 # (B, kk, D)
+    else:
+        top = xm.topk(kk, dim=1).values                                # (B, kk, D)
     valid = torch.isfinite(top)
     cnt = mask.sum(dim=1).clamp(min=1, max=kk).to(x.dtype)            # (B,)
     return top.masked_fill(~valid, 0.0).sum(dim=1) / cnt[:, None]
