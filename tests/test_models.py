@@ -483,3 +483,17 @@ def test_bf16_autocast_training_step(arch):
         model.on_after_optimizer_step()
     if arch == "aahr":
         assert model.queue_v.feats.dtype == torch.float32 and int(model.queue_v.count) == 12
+
+
+def test_prototypes_renormalised_after_each_update_and_two_forwards_before_backward():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(use_moco=False, use_graph=False), DIMS)
+    opt = torch.optim.SGD(model.param_groups(0.5), lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    one_step(model, make_batch(), 0, gen, opt)
+    assert not torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(8), atol=1e-4)   # moved by SGD
+    out1 = model.training_step(make_batch(seed=1), 1, gen)       # renormalises first
+    assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(8), atol=1e-5)
+    out2 = model.training_step(make_batch(seed=2), 2, gen)       # gradient accumulation: no in-place change
+    (out1["loss"] + out2["loss"]).backward()
+    assert model.prototypes.weight.grad is not None

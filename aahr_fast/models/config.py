@@ -2,9 +2,15 @@
 
 Defaults are the paper's values (docs ``aahr-method.md`` section 4, Flickr30K column), except that the
 correct behaviour (padding masks everywhere, same-image masking in every loss and in the MoCo queue) is
-on by default; ``paper_compat=True`` switches on the quirks of the authors' code listed in section 6
-(unmasked attention pooling, unmasked inter-modal relevance, plain BatchNorm over padded rows, no
-same-image masking of queued keys).
+on by default. ``paper_compat=True`` switches on the quirks of the authors' code listed in section 6:
+- attention pooling (GGLP) ignores padding (6.6);
+- the inter-modal region-word relevance ignores region lengths (6.9), padded region slots are not zeroed;
+- the projection BatchNorm takes its statistics over padded rows too;
+- queued keys of the query's own image stay negatives (6.8; overrides ``moco_mask_same_image``).
+Not reproduced: the 2-matrix CLIP projection (one Linear here, same function), ``M`` divisible by ``B``
+(any ``M`` works), HREM's discarded relation MLP and the gradient-free KL regulariser (6.4).
+Behaviour shared with the authors' code in both modes: the momentum key encoders follow the model's
+train/eval mode (dropout active in training), the final embedding is not re-normalised after fusion.
 
 Warm-up starts (``proto_start``, ``graph_start``, ``moco_start``) accept
 - an ``int``: an iteration number (0-based; the part is active when ``step >= start``);
@@ -18,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from aahr_fast.utils.errors import ConfigError
@@ -72,7 +78,7 @@ class ModelConfig:
     pool_head_dim: Optional[int] = None     # per-head width; None -> embed_dim (the paper: full-width heads)
     use_global: bool = True                 # frozen global vector branch (GGLP query + gated fusion)
     noglobal_pool: str = "learned"          # pooling without the global branch: learned query / mean
-    use_gated_fusion: bool = True           # f = z l2(v) + (1-z) l2(g); off -> f = l2(v)
+    use_gated_fusion: bool = True           # f = z l2(v) + (1-z) l2(g); off -> f = l2(l2(v) + l2(g))
 
     # --- base loss (section 3) ----------------------------------------------------------------
     loss: str = "dws"                       # "dws" distance-weighted triplet / "hardest" VSE++ / "sum" hinges
@@ -116,8 +122,7 @@ class ModelConfig:
     moco_mask_same_image: bool = True       # queued keys of the query's image are not negatives
 
     # --- misc ----------------------------------------------------------------------------------
-    ops_backend: Optional[str] = None       # forced aahr_fast.ops backend; None -> by device
-    extra: dict = field(default_factory=dict)  # free-form notes carried in checkpoints, unused here
+    ops_backend: Optional[str] = None       # forced aahr_fast.ops backend; None -> by device / AAHR_OPS_BACKEND
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":

@@ -2,7 +2,7 @@
 section 3 item 2; SwAV, Caron et al. 2020).
 
 ``K`` trainable prototypes in the joint space, initialised N(0, 1) and re-L2-normalised row-wise (in
-place, without gradient) at every training forward pass, as SwAV and the authors' code do. The loss is
+place, without gradient) at every training forward pass that follows a change of the parameter, as SwAV and the authors' code do. The loss is
 ``aahr_fast.ops.swapped_prediction_loss``: Sinkhorn-Knopp codes (eps, 3 iterations, no gradient) of
 each modality are predicted from the other modality's prototype scores at temperature tau.
 """
@@ -44,13 +44,18 @@ class Prototypes(nn.Module):
     def normalize_(self) -> None:
         """Re-L2-normalise the prototype rows in place (no gradient)."""
         self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self._normalized_version = self.weight._version
 
     def forward(self, f_v: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         if f_v.dim() != 2 or f_v.shape != f_t.shape or f_v.shape[1] != self.weight.shape[1]:
             raise DataError(f"Prototypes: expected f_v, f_t of shape (B, {self.weight.shape[1]}), got "
                             f"{tuple(f_v.shape)} and {tuple(f_t.shape)}")
         if self.training:
-            self.normalize_()
+            # renormalise only when the parameter changed since the last normalisation (an optimiser
+            # step or a checkpoint load bumps its version): a second forward before backward (gradient
+            # accumulation) must not modify a tensor the first graph saved
+            if self.weight._version != self._normalized_version:
+                self.normalize_()
             protos = self.weight
         else:   # eval (e.g. a validation loss): leave the parameter untouched
             protos = F.normalize(self.weight, dim=1)
