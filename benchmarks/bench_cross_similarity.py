@@ -1,7 +1,9 @@
 """Benchmarks of the fused cross-similarity op (``fragment_word_relevance``), issue 4.
 
 Run: ``.venv/bin/python -m pytest benchmarks/bench_cross_similarity.py --benchmark-only``
-(``AAHR_BENCH_THREADS=1`` for the single-thread rows only; several minutes on 2 shared cores).
+(``AAHR_BENCH_THREADS=1`` for the single-thread rows only; 5-15 minutes on 2 shared cores). On a shared,
+overloaded machine wall-clock medians swing by 2x; for the one-thread rows add
+``--benchmark-timer=time.process_time`` (CPU time of this process: robust to other users' load).
 
 Case: B = 128 images x 128 captions, D = 1024, N = 36 (BUTD precomp) or 49 (7x7 grid) regions, all
 valid; captions padded to L = 32 with realistic lengths (seeded: round(Normal(17, 5)) clipped to
