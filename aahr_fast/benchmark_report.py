@@ -13,9 +13,10 @@ What the report holds (every number comes from the JSON; nothing is re-measured)
   commit, load average, suite wall time (``machine_info["aahr"]`` and ``aahr_suite``, written by the
   hooks in ``benchmarks/conftest.py``; pytest-benchmark's own ``machine_info`` / ``datetime`` otherwise);
 * one table per ``benchmark.group``: per row the median and IQR (ms), rounds, the speed-up against the
-  group's base row (``reference`` if present, else a ``*baseline*`` row, else the slowest row) = base median / row median, time /
-  fastest, ``peak_extra_mib`` and its ratio to the base row, GFLOP/s and the fraction of the same-thread
-  fp32 ``torch.mm`` ceiling (``extra_info`` keys ``peak_extra_mib``, ``gflops``, ``frac_mm_ceiling``);
+  group's base row (``reference`` if present, else a ``*baseline*`` row, else the slowest row) = base
+  median / row median, time / fastest, ``peak_extra_mib`` and its ratio to the base row, GFLOP/s and the
+  fraction of the same-thread fp32 ``torch.mm`` ceiling (``extra_info`` keys ``peak_extra_mib``,
+  ``gflops``, ``frac_mm_ceiling``);
 * the scaling sweeps (rows whose ``extra_info["sweeps"]`` is ``{sweep: {"x_name", "x", "expect"}}``,
   see ``benchmarks/bench_scaling.py``): per sweep and backend the observed exponent of time and of peak
   memory (least-squares slope of log y on log x) next to the expected one (the same slope of the
@@ -125,7 +126,7 @@ def rows_from_run(run: dict) -> list[Row]:
             raise DataError(f"{where} ({b['name']}): extra_info must be an object")
         rows.append(Row(group=b.get("group") or "(no group)", name=b["name"], fullname=b.get("fullname", b["name"]),
                         params=b.get("params") or {}, median_s=median,
-                        iqr_s=float(iqr) if isinstance(iqr, (int, float)) else float("nan"),
+                        iqr_s=float(iqr) if _is_num(iqr) else float("nan"),
                         rounds=int(stats.get("rounds", 0) or 0), extra=extra))
     return rows
 
@@ -199,10 +200,18 @@ def base_row(rows: Sequence[Row]) -> Row:
     return max(rows, key=lambda r: r.median_s)
 
 
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return none
     return format(x, spec)
+
+
+def _slope(x: float) -> str:
+    return _fmt(x, ".2f", "n/a")
 
 
 def _mib(x: Optional[float]) -> str:
@@ -230,11 +239,10 @@ def group_table(rows: Sequence[Row]) -> list[dict]:
         out.append(dict(
             label=r.label, median_ms=r.median_s * 1e3, iqr_ms=r.iqr_s * 1e3, rounds=r.rounds,
             speedup=base.median_s / r.median_s, vs_fastest=r.median_s / fastest,
-            peak_mib=peak if isinstance(peak, (int, float)) else None,
-            mem_vs_base=(peak / bpeak) if isinstance(peak, (int, float)) and isinstance(bpeak, (int, float)) and bpeak > 0
-            else None,
-            gflops=r.extra.get("gflops") if isinstance(r.extra.get("gflops"), (int, float)) else None,
-            pct_ceiling=100.0 * frac if isinstance(frac, (int, float)) else None,
+            peak_mib=peak if _is_num(peak) else None,
+            mem_vs_base=(peak / bpeak) if _is_num(peak) and _is_num(bpeak) and bpeak > 0 else None,
+            gflops=r.extra.get("gflops") if _is_num(r.extra.get("gflops")) else None,
+            pct_ceiling=100.0 * frac if _is_num(frac) else None,
             base=base.label,
         ))
     return out
@@ -265,7 +273,7 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     Points with a non-positive or missing x or y are ignored; NaN when fewer than two distinct x remain.
     """
     pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys)
-           if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > 0]
+           if _is_num(a) and _is_num(b) and a > 0 and b > 0]
     if len({p[0] for p in pts}) < 2:
         return float("nan")
     mx = sum(p[0] for p in pts) / len(pts)
@@ -344,11 +352,11 @@ def plot_sweep(sweep: Sweep, path: str | os.PathLike) -> None:
         xs = [p["x"] for p in pts]
         f = fits[be]
         axes[0].plot(xs, [p["median_s"] * 1e3 for p in pts], "o-",
-                     label=f"{be}: slope {_fmt(f['time_exp'], '.2f', 'n/a')} (exp. {_fmt(f['time_expected'], '.2f', 'n/a')})")
-        mem = [(x, p["peak_mib"]) for x, p in zip(xs, pts) if isinstance(p["peak_mib"], (int, float)) and p["peak_mib"] > 0]
+                     label=f"{be}: slope {_slope(f['time_exp'])} (exp. {_slope(f['time_expected'])})")
+        mem = [(x, p["peak_mib"]) for x, p in zip(xs, pts) if _is_num(p["peak_mib"]) and p["peak_mib"] > 0]
         if mem:
             axes[1].plot([m[0] for m in mem], [m[1] for m in mem], "s-",
-                         label=f"{be}: slope {_fmt(f['mem_exp'], '.2f', 'n/a')} (exp. {_fmt(f['mem_expected'], '.2f', 'n/a')})")
+                         label=f"{be}: slope {_slope(f['mem_exp'])} (exp. {_slope(f['mem_expected'])})")
     for ax, what in zip(axes, ("median time (ms)", "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -408,8 +416,8 @@ def _sweep_markdown(sweep: Sweep, plot_rel: Optional[str]) -> list[str]:
               f"| memory exponent (observed) | memory exponent (expected, memory model) |",
               "|---|---:|---:|---:|---:|---:|"]
     for be, f in fits.items():
-        lines.append(f"| {be} | {f['n']} | {_fmt(f['time_exp'], '.2f', 'n/a')} | {_fmt(f['time_expected'], '.2f', 'n/a')} "
-                     f"| {_fmt(f['mem_exp'], '.2f', 'n/a')} | {_fmt(f['mem_expected'], '.2f', 'n/a')} |")
+        lines.append(f"| {be} | {f['n']} | {_slope(f['time_exp'])} | {_slope(f['time_expected'])} "
+                     f"| {_slope(f['mem_exp'])} | {_slope(f['mem_expected'])} |")
     lines.append("")
     backends = sorted(sweep.points)
     xs = sorted({p["x"] for pts in sweep.points.values() for p in pts})
@@ -469,7 +477,7 @@ def _coverage(groups: dict[str, list[Row]]) -> list[str]:
     missing = []
     for g, rows in groups.items():
         for r in rows:
-            lack = [f for f in CONTRACT_FIELDS if not isinstance(r.extra.get(f), (int, float))]
+            lack = [f for f in CONTRACT_FIELDS if not _is_num(r.extra.get(f))]
             if lack:
                 missing.append(f"| `{g}` | {r.label} | {', '.join(lack)} |")
     if not missing:
@@ -478,8 +486,9 @@ def _coverage(groups: dict[str, list[Row]]) -> list[str]:
             "| group | row | missing |", "|---|---|---|", *missing, ""]
 
 
-def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None, md_dir: Optional[str | os.PathLike] = None,
-                  wall_time: Optional[float] = None, json_name: Optional[str] = None) -> str:
+def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
+                  md_dir: Optional[str | os.PathLike] = None, wall_time: Optional[float] = None,
+                  json_name: Optional[str] = None) -> str:
     """The markdown report of a loaded run; writes the PNG plots into ``plot_dir`` when given (links are
     relative to ``md_dir``, the folder of the markdown file). Returns the markdown text."""
     rows = rows_from_run(run)
@@ -498,9 +507,10 @@ def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None, md
              "Numbers are medians of the rounds of each row; ratios compare rows of the same group measured in",
              "the same run (the machine is shared and noisy, so absolute times drift between runs, same-run",
              "ratios much less). Speed-up = base median / row median, base = the `reference` row when the",
-             "group has one, else a `*baseline*` row, else its slowest row. Peak extra memory is the torch allocator's peak above what",
-             "was allocated before the call (profiler events); GFLOP/s counts each row's useful work; the",
-             "ceiling is one fp32 `torch.mm` of a stated shape on the same thread count in the same session.",
+             "group has one, else a `*baseline*` row, else its slowest row. Peak extra memory is the torch",
+             "allocator's peak above what was allocated before the call (profiler events); GFLOP/s counts",
+             "each row's useful work; the ceiling is one fp32 `torch.mm` of a stated shape on the same",
+             "thread count in the same session.",
              "", "## Run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _run_facts(run, wall_time)]
     lines.append("")
@@ -548,7 +558,7 @@ def write_report(json_path: str | os.PathLike, out: str | os.PathLike = "docs/BE
                  plot_dir: str | os.PathLike | None = "docs/benchmarks", wall_time: Optional[float] = None) -> str:
     """Load ``json_path``, write the markdown to ``out`` and the plots to ``plot_dir`` (atomic writes).
     Returns the markdown. Raises DataError for a bad JSON file, ConfigError for a bad wall time."""
-    if wall_time is not None and not (isinstance(wall_time, (int, float)) and wall_time > 0):
+    if wall_time is not None and not (_is_num(wall_time) and wall_time > 0):
         raise ConfigError(f"--wall-time must be a positive number of seconds, got {wall_time!r}")
     run = load_run(json_path)
     out = Path(out)

@@ -152,9 +152,11 @@ SWEEPS = {
                     "time ~ B^2 N L D (2); memory: reference ~ B^2 N L (2), fused ~ B^2 outputs (2; O(1) tiles "
                     "dominate at small B)"),
     "xsim-N": Sweep("N", (9, 25, 49), (4, 9, 16, 25, 36, 49, 64, 100), lambda x: _xsim(128, x, 32),
-                    lambda x: xsim_case(128, x, 32), "time ~ N (1); memory: reference ~ N (1), fused independent of N (0)"),
+                    lambda x: xsim_case(128, x, 32),
+                    "time ~ N (1); memory: reference ~ N (1), fused independent of N (0)"),
     "xsim-L": Sweep("L", (8, 16, 32), (4, 8, 16, 32, 64), lambda x: _xsim(128, 49, x),
-                    lambda x: xsim_case(128, 49, x), "time ~ L (1); memory: reference ~ L (1), fused independent of L (0)"),
+                    lambda x: xsim_case(128, 49, x),
+                    "time ~ L (1); memory: reference ~ L (1), fused independent of L (0)"),
     "corr-B": Sweep("B", (64, 128, 256, 512), (64, 128, 256, 512, 1024, 2048), lambda x: ("corr", x), corr_case,
                     "time ~ B^2 D (2); memory ~ B^2 (2)"),
     "proto-K": Sweep("K", (128, 256, 512), (64, 128, 256, 512, 1024, 2048, 4096), lambda x: ("proto", 128, x, 0),
@@ -240,7 +242,8 @@ def test_scaling(benchmark, bench_tools, threads, point):
     rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TARGET_S / max(time.perf_counter() - t0, 1e-6))))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     info = dict(backend=row, threads=threads, peak_extra_mib=peak / 2**20, sweeps=sweeps, fixed=case.fixed,
-                work_flops=case.work_flops, mem_model_bytes=case.mem_model["reference" if row == "reference" else "fused"])
+                work_flops=case.work_flops,
+                mem_model_bytes=case.mem_model["reference" if row == "reference" else "fused"])
     med = t.median_seconds(benchmark)
     if med is not None:
         ceiling = t.mm_ceiling_gflops(*case.mm_shape)

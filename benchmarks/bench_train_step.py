@@ -20,8 +20,11 @@ Presets: ``flickr8k_cpu`` (width 256, the configuration trained on this machine)
 ``step_gflop`` (FLOPs of one reference step counted by ``FlopCounterMode``: matmul/bmm/attention,
 forward + backward), ``gflops`` = step_gflop / median (same useful work for every row),
 ``frac_mm_ceiling`` against one fp32 ``torch.mm`` of the step's largest GEMM shape
-(B*49 x 1280) @ (1280 x D) at the same thread count, ``backend``, ``preset``, ``batch``, ``embed_dim``,
-``threads``, ``device``, ``loss_parts`` (of the verification step; every term must be present).
+(B*49 x 1280) @ (1280 x D) at the same thread count, measured right after the row
+(``_e2e.mm_ceiling_now``: the machine's load drifts during a long run), ``backend``, ``preset``,
+``batch``, ``embed_dim``, ``threads``, ``device``, ``loss_parts`` (of the verification step; every term
+must be present), and for the flickr8k_cpu CPU rows the ``sweeps`` / ``work_flops`` entries that make them
+the B = 128 point of ``bench_scaling.py``'s ``train-B`` sweep.
 """
 from __future__ import annotations
 

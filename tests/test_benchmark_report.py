@@ -163,7 +163,9 @@ def test_loglog_slope():
 
 
 def test_row_labels():
-    mk = lambda name, params=None, extra=None: br.Row("g", name, name, params or {}, 1.0, 0.0, 1, extra or {})  # noqa: E731
+    def mk(name, params=None, extra=None):
+        return br.Row("g", name, name, params or {}, 1.0, 0.0, 1, extra or {})
+
     rows = [mk("test_brute[5000]", {"n": 5000}), mk("test_faiss[5000-flat]", {"n": 5000, "kind": "flat"}),
             mk("test_faiss[5000-hnsw]", {"n": 5000, "kind": "hnsw"})]
     assert br.row_labels(rows) == ["brute", "faiss-flat", "faiss-hnsw"]
