@@ -308,15 +308,21 @@ def _xsim_bwd_kernel(
 # host-side launchers
 
 
-def _tile_config(N: int, L: int, Bi: int, Bt: int, backward: bool = False) -> dict:
+def _tile_config(N: int, L: int, Bi: int, Bt: int, backward: bool = False, own_images: bool = True,
+                 fp32_dot: bool = True) -> dict:
     np_ = next_pow2(N)
     lp = next_pow2(L)
     if interpreting():
         row_target, col_target, bk, bd, warps = 256, 256, 128, 128, 4
     elif backward:
-        # the backward keeps many tile-sized fp32 temporaries live; 64x32 tiles, BD=32 and 8 warps compile
-        # without register spills for sm_90 (checked with ptxas via kernels/_aot.py + cuobjdump)
-        row_target, col_target, bk, bd, warps = 64, 32, 32, 32, 8
+        # the backward keeps many tile-sized fp32 temporaries live. Register use read back from ptxas
+        # (kernels/_aot.py + cuobjdump, sm_80 and sm_90, N=36, L=32): with 16-bit features the image-owner
+        # kernel fits 64x64 tiles with BD=64 (<= 208 registers, no spills); fp32 (tf32x3 dots) and the
+        # caption-owner kernel only 64x32 with BD=32
+        if own_images and not fp32_dot:
+            row_target, col_target, bk, bd, warps = 64, 64, 32, 64, 8
+        else:
+            row_target, col_target, bk, bd, warps = 64, 32, 32, 32, 8
     else:
         row_target, col_target, bk, bd, warps = 64, 128, 32, 64, 8
     bi = max(1, min(next_pow2(Bi), max(16 // np_, row_target // np_)))
@@ -389,7 +395,6 @@ def cross_similarity_backward(
     Bi, N, D = regions.shape
     Bt, L, _ = words.shape
     dev = regions.device
-    cfg = _tile_config(N, L, Bi, Bt, backward=True)
     fp32_dot, prec = dot_config(regions.dtype, words.dtype)
     if mode == MODE_RELEVANCE:
         sg1 = (g1.stride(0), g1.stride(1))
@@ -402,6 +407,7 @@ def cross_similarity_backward(
         if not need:
             outs.append(None)
             continue
+        cfg = _tile_config(N, L, Bi, Bt, backward=True, own_images=own_images, fp32_dot=fp32_dot)
         n_own = triton.cdiv(Bi, cfg["BI"]) if own_images else triton.cdiv(Bt, cfg["BT"])
         n_other = triton.cdiv(Bt, cfg["BT"]) if own_images else triton.cdiv(Bi, cfg["BI"])
         if split is None:
