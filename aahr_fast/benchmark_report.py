@@ -5,7 +5,7 @@ Usage::
 
     .venv/bin/python -m pytest benchmarks --benchmark-only --benchmark-json=/work/cache/bench.json
     .venv/bin/python -m aahr_fast.benchmark_report /work/cache/bench.json \\
-        [--out docs/BENCHMARKS.md] [--plots docs/benchmarks] [--wall-time SECONDS]
+        [--out docs/BENCHMARKS.md] [--plots docs/benchmarks] [--wall-time SECONDS] [--cpu-time SECONDS]
 
 What the report holds (every number comes from the JSON; nothing is re-measured):
 
@@ -438,7 +438,7 @@ def _sweep_markdown(sweep: Sweep, plot_rel: Optional[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _run_facts(run: dict, wall_time: Optional[float]) -> list[tuple[str, str]]:
+def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] = None) -> list[tuple[str, str]]:
     mi = run.get("machine_info") or {}
     aahr = mi.get("aahr") or {}
     cpu = mi.get("cpu") or {}
@@ -463,6 +463,11 @@ def _run_facts(run: dict, wall_time: Optional[float]) -> list[tuple[str, str]]:
         facts.append(("suite wall time", f"{float(wall):.0f} s ({float(wall) / 60:.1f} min)"
                       + (" (given on the command line)" if wall_time is not None else
                          " (conftest import to JSON write)")))
+    if cpu_time is not None or _is_num(suite.get("cpu_s")):
+        cpu = cpu_time if cpu_time is not None else float(suite["cpu_s"]) + float(suite.get("cpu_s_children") or 0.0)
+        facts.append(("suite CPU time (user + sys)", f"{cpu:.0f} s ({cpu / 60:.1f} min; about the wall time on an "
+                      f"idle machine, the rows being single-threaded)"
+                      + (" (given on the command line)" if cpu_time is not None else "")))
     if aahr.get("loadavg_start") or suite.get("loadavg_end"):
         la0, la1 = aahr.get("loadavg_start"), suite.get("loadavg_end")
         facts.append(("load average (1 min) start / end",
@@ -488,7 +493,7 @@ def _coverage(groups: dict[str, list[Row]]) -> list[str]:
 
 def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
                   md_dir: Optional[str | os.PathLike] = None, wall_time: Optional[float] = None,
-                  json_name: Optional[str] = None) -> str:
+                  json_name: Optional[str] = None, cpu_time: Optional[float] = None) -> str:
     """The markdown report of a loaded run; writes the PNG plots into ``plot_dir`` when given (links are
     relative to ``md_dir``, the folder of the markdown file). Returns the markdown text."""
     rows = rows_from_run(run)
@@ -512,7 +517,7 @@ def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
              "each row's useful work; the ceiling is one fp32 `torch.mm` of a stated shape on the same",
              "thread count in the same session.",
              "", "## Run", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _run_facts(run, wall_time)]
+    lines += [f"| {k} | {v} |" for k, v in _run_facts(run, wall_time, cpu_time)]
     lines.append("")
 
     if plot_dir is not None:
@@ -555,14 +560,18 @@ def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
 
 
 def write_report(json_path: str | os.PathLike, out: str | os.PathLike = "docs/BENCHMARKS.md",
-                 plot_dir: str | os.PathLike | None = "docs/benchmarks", wall_time: Optional[float] = None) -> str:
+                 plot_dir: str | os.PathLike | None = "docs/benchmarks", wall_time: Optional[float] = None,
+                 cpu_time: Optional[float] = None) -> str:
     """Load ``json_path``, write the markdown to ``out`` and the plots to ``plot_dir`` (atomic writes).
-    Returns the markdown. Raises DataError for a bad JSON file, ConfigError for a bad wall time."""
-    if wall_time is not None and not (_is_num(wall_time) and wall_time > 0):
-        raise ConfigError(f"--wall-time must be a positive number of seconds, got {wall_time!r}")
+    ``wall_time`` / ``cpu_time`` (seconds, measured outside pytest) override the JSON's.
+    Returns the markdown. Raises DataError for a bad JSON file, ConfigError for a bad wall / CPU time."""
+    for name, value in (("--wall-time", wall_time), ("--cpu-time", cpu_time)):
+        if value is not None and not (_is_num(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
     run = load_run(json_path)
     out = Path(out)
-    text = render_report(run, plot_dir=plot_dir, md_dir=out.parent, wall_time=wall_time, json_name=str(json_path))
+    text = render_report(run, plot_dir=plot_dir, md_dir=out.parent, wall_time=wall_time, json_name=str(json_path),
+                         cpu_time=cpu_time)
     with atomic_write(out, "w") as fh:
         fh.write(text)
     return text
@@ -578,9 +587,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     ap.add_argument("--wall-time", type=float, default=None,
                     help="suite wall time in seconds, measured outside pytest (overrides the JSON's)")
+    ap.add_argument("--cpu-time", type=float, default=None,
+                    help="suite CPU time (user + sys) in seconds, measured outside pytest (overrides the JSON's)")
     args = ap.parse_args(argv)
     try:
-        write_report(args.json, args.out, None if args.no_plots else args.plots, args.wall_time)
+        write_report(args.json, args.out, None if args.no_plots else args.plots, args.wall_time, args.cpu_time)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=__import__("sys").stderr)
         return 2

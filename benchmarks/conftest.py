@@ -189,8 +189,8 @@ def bench_tools() -> types.SimpleNamespace:
 #   anything else runs), and every benchmark starts from ``torch.set_num_threads(1)``.
 #   ``AAHR_BENCH_THREADS=1,2`` brings the 2-thread rows back.
 # * ``--benchmark-json`` output gets ``machine_info["aahr"]`` (CPU model, cores, torch / triton / numpy /
-#   python versions, thread settings, load average) and ``aahr_suite`` (wall time of the session, dates,
-#   options), read by ``python -m aahr_fast.benchmark_report``.
+#   python versions, thread settings, load average) and ``aahr_suite`` (wall and CPU time of the session,
+#   dates, options), read by ``python -m aahr_fast.benchmark_report``.
 # ====================================================================================================
 _SUITE_T0 = time.time()
 
@@ -273,9 +273,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
+    import resource
+
     end = time.time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     output_json["aahr_suite"] = dict(
         wall_s=round(end - _SUITE_T0, 2),
+        cpu_s=round(own.ru_utime + own.ru_stime, 2),  # the pytest process (all its threads)
+        cpu_s_children=round(children.ru_utime + children.ru_stime, 2),  # e.g. inductor compile workers
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(_SUITE_T0)),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(end)),
         loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

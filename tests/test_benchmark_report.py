@@ -63,7 +63,7 @@ def fixture_run() -> dict:
                                     loadavg_start=[1.5, 1.0, 1.0])),
         commit_info=dict(id="0123456789abcdef", dirty=False),
         benchmarks=benches, datetime="2026-11-29T12:00:00+00:00", version="5.3.1",
-        aahr_suite=dict(wall_s=123.4, loadavg_end=[2.5, 1.0, 1.0], full=False, args=["benchmarks", "--benchmark-only"]),
+        aahr_suite=dict(wall_s=123.4, cpu_s=100.0, cpu_s_children=20.0, loadavg_end=[2.5, 1.0, 1.0], full=False, args=["benchmarks", "--benchmark-only"]),
     )
 
 
@@ -114,7 +114,7 @@ def test_run_facts_and_coverage(run_json, tmp_path):
     md = br.write_report(run_json, tmp_path / "B.md", None)
     for text in ("| CPU | Test CPU 9000 |", "2 logical, 2 usable", "2.13.0 / 3.9.0 / 2.1.0", "| python | 3.11.7 |",
                  "2026-11-29T12:00:00", "0123456789ab", "123 s (2.1 min)", "| intra-op threads | 1 ",
-                 "1.5 / 2.5", "AVX2"):
+                 "1.5 / 2.5", "AVX2", "| suite CPU time (user + sys) | 120 s (2.0 min;"):
         assert text in md, text
     cov = md.split("## Coverage", 1)[1]
     assert "| `rank-1k` | ours | gflops, frac_mm_ceiling |" in cov
@@ -235,7 +235,7 @@ def test_real_benchmark_json_round_trip(tmp_path):
     aahr = run["machine_info"]["aahr"]
     assert aahr["torch"] == torch.__version__ and aahr["torch_threads_default"] == 1
     assert aahr["logical_cpus"] == os.cpu_count()
-    assert run["aahr_suite"]["wall_s"] > 0
+    assert run["aahr_suite"]["wall_s"] > 0 and run["aahr_suite"]["cpu_s"] > 0
     names = sorted(b["name"] for b in run["benchmarks"])
     assert names == ["test_scaling[proto-128-128-0-reference-T1]", "test_scaling[proto-128-256-0-reference-T1]"]
     for b in run["benchmarks"]:
