@@ -1,7 +1,8 @@
 """Shared benchmark helpers (pytest-benchmark) for the ops benchmarks.
 
-* ``threads`` fixture: runs a benchmark once per intra-op thread count (``AAHR_BENCH_THREADS``, default
-  ``1,2``; these machines have 2 shared cores, so 1 thread is the stable number) and restores the count.
+* ``threads`` fixture: runs a benchmark once per intra-op thread count (``AAHR_BENCH_THREADS``, e.g.
+  ``1,2``; without it only the 1-thread rows run, see the suite options at the end of this file) and
+  restores the count.
 * :func:`peak_extra_bytes`: peak of the torch CPU allocator's running total while a call runs (raw
   allocation events of the torch profiler with ``profile_memory=True``; tensors allocated before the call
   are not counted, so this is the *extra* memory an op needs). Memory that bypasses the torch allocator
@@ -85,12 +86,16 @@ def gflops(flops: float, seconds: float) -> float:
     return flops / seconds / 1e9
 
 
-_CEILING: dict[tuple[int, int, int, int], float] = {}
+_CEILING: dict[tuple, float] = {}
 
 
-def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5) -> float:
-    """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats)."""
-    key = (m, n, k, torch.get_num_threads())
+def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5, timer: Callable[[], float] = time.perf_counter) -> float:
+    """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats).
+
+    ``timer``: the benchmark's timer (``getattr(benchmark, "_timer", time.perf_counter)``), so that the
+    ceiling and the row are measured alike (wall clock, or CPU time with ``--benchmark-timer``).
+    """
+    key = (m, n, k, torch.get_num_threads(), getattr(timer, "__name__", repr(timer)))
     if key not in _CEILING:
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
@@ -98,9 +103,9 @@ def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5) -> float:
         torch.mm(a, b.t(), out=out)
         ts = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = timer()
             torch.mm(a, b.t(), out=out)
-            ts.append(time.perf_counter() - t0)
+            ts.append(timer() - t0)
         _CEILING[key] = 2.0 * m * n * k / sorted(ts)[len(ts) // 2] / 1e9
     return _CEILING[key]
 
