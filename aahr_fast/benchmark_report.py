@@ -13,12 +13,14 @@ What the report holds (every number comes from the JSON; nothing is re-measured)
   commit, load average, suite wall time (``machine_info["aahr"]`` and ``aahr_suite``, written by the
   hooks in ``benchmarks/conftest.py``; pytest-benchmark's own ``machine_info`` / ``datetime`` otherwise);
 * one table per ``benchmark.group``: per row the median and IQR (ms), rounds, the speed-up against the
-  group's base row (``reference`` if present, else a ``*baseline*`` row, else the slowest row) = base
+  group's base row (``extra_info["base_row"]``, else ``reference``, else a ``*baseline*`` row, else the
+  slowest row) = base
   median / row median, time / fastest, ``peak_extra_mib`` and its ratio to the base row, GFLOP/s and the
   fraction of the same-thread fp32 ``torch.mm`` ceiling (``extra_info`` keys ``peak_extra_mib``,
   ``gflops``, ``frac_mm_ceiling``);
 * the scaling sweeps (rows whose ``extra_info["sweeps"]`` is ``{sweep: {"x_name", "x", "expect"}}``,
-  see ``benchmarks/bench_scaling.py``): per sweep and backend the observed exponent of time and of peak
+  optionally with per-sweep ``work_flops`` / ``mem_model_bytes`` overriding the row's; see
+  ``benchmarks/bench_scaling.py``): per sweep and backend the observed exponent of time and of peak
   memory (least-squares slope of log y on log x) next to the expected one (the same slope of the
   ``work_flops`` / ``mem_model_bytes`` models over the same points), a table of the points and a log-log
   PNG (matplotlib, Agg backend);
@@ -191,8 +193,11 @@ def group_rows(rows: Iterable[Row]) -> dict[str, list[Row]]:
 
 
 def base_row(rows: Sequence[Row]) -> Row:
-    """The row ratios are taken against: the one labelled ``reference``, else one whose label contains
-    ``baseline``, else the slowest."""
+    """The row ratios are taken against: one with ``extra_info["base_row"]`` true, else the one labelled
+    ``reference``, else one whose label contains ``baseline``, else the slowest."""
+    for r in rows:
+        if r.extra.get("base_row") is True:
+            return r
     for key in ("reference", "baseline"):
         for r in rows:
             if r.label == key or (key == "baseline" and key in r.label):
@@ -225,7 +230,8 @@ def _ms(seconds: float) -> str:
 
 def group_table(rows: Sequence[Row]) -> list[dict]:
     """The computed table of one group (rows sorted by median): per row ``label``, ``median_ms``,
-    ``iqr_ms``, ``rounds``, ``speedup`` (base median / row median), ``vs_fastest`` (row / fastest median),
+    ``iqr_ms`` (None with one round), ``rounds``, ``speedup`` (base median / row median), ``vs_fastest``
+    (row / fastest median),
     ``peak_mib``, ``mem_vs_base`` (row peak / base peak), ``gflops``, ``pct_ceiling`` (percent), ``base``
     (the base row's label)."""
     rows = sorted(rows, key=lambda r: r.median_s)
@@ -237,7 +243,8 @@ def group_table(rows: Sequence[Row]) -> list[dict]:
         peak = r.extra.get("peak_extra_mib")
         frac = r.extra.get("frac_mm_ceiling")
         out.append(dict(
-            label=r.label, median_ms=r.median_s * 1e3, iqr_ms=r.iqr_s * 1e3, rounds=r.rounds,
+            label=r.label, median_ms=r.median_s * 1e3, iqr_ms=r.iqr_s * 1e3 if r.rounds > 1 else None,
+            rounds=r.rounds,
             speedup=base.median_s / r.median_s, vs_fastest=r.median_s / fastest,
             peak_mib=peak if _is_num(peak) else None,
             mem_vs_base=(peak / bpeak) if _is_num(peak) and _is_num(bpeak) and bpeak > 0 else None,
@@ -257,7 +264,8 @@ def _markdown_group(name: str, rows: Sequence[Row]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in table:
         lines.append(
-            f"| {t['label']} | {_ms(t['median_ms'] / 1e3)} | {_ms(t['iqr_ms'] / 1e3)} | {t['rounds']} "
+            f"| {t['label']} | {_ms(t['median_ms'] / 1e3)} "
+            f"| {_ms(t['iqr_ms'] / 1e3) if t['iqr_ms'] is not None else '-'} | {t['rounds']} "
             f"| {t['speedup']:.2f}x | {t['vs_fastest']:.2f} | {_mib(t['peak_mib'])} "
             f"| {_fmt(t['mem_vs_base'], '.3f')} | {_fmt(t['gflops'], '.1f')} | {_fmt(t['pct_ceiling'], '.1f')} |")
     lines.append("")
@@ -331,7 +339,8 @@ def collect_sweeps(rows: Iterable[Row]) -> dict[str, Sweep]:
                                    Sweep(name, threads, str(spec.get("x_name", "x")), str(spec.get("expect", ""))))
             sw.points[backend].append(dict(
                 x=x, median_s=r.median_s, peak_mib=r.extra.get("peak_extra_mib"),
-                work=r.extra.get("work_flops"), mem_model=r.extra.get("mem_model_bytes"), group=r.group))
+                work=spec.get("work_flops", r.extra.get("work_flops")),
+                mem_model=spec.get("mem_model_bytes", r.extra.get("mem_model_bytes")), group=r.group))
     for sw in sweeps.values():
         for pts in sw.points.values():
             pts.sort(key=lambda p: p["x"])
@@ -468,8 +477,8 @@ def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] 
         facts.append(("suite CPU time (user + sys)", f"{cpu:.0f} s ({cpu / 60:.1f} min; about the wall time on an "
                       f"idle machine, the rows being single-threaded)"
                       + (" (given on the command line)" if cpu_time is not None else "")))
-    if aahr.get("loadavg_start") or suite.get("loadavg_end"):
-        la0, la1 = aahr.get("loadavg_start"), suite.get("loadavg_end")
+    if suite.get("loadavg_start") or suite.get("loadavg_end"):
+        la0, la1 = suite.get("loadavg_start"), suite.get("loadavg_end")
         facts.append(("load average (1 min) start / end",
                       f"{_fmt(la0[0] if la0 else None, '.1f')} / {_fmt(la1[0] if la1 else None, '.1f')}"))
     if suite.get("args"):
@@ -493,7 +502,8 @@ def _coverage(groups: dict[str, list[Row]]) -> list[str]:
 
 def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
                   md_dir: Optional[str | os.PathLike] = None, wall_time: Optional[float] = None,
-                  json_name: Optional[str] = None, cpu_time: Optional[float] = None) -> str:
+                  json_name: Optional[str] = None, cpu_time: Optional[float] = None,
+                  command: Optional[str] = None) -> str:
     """The markdown report of a loaded run; writes the PNG plots into ``plot_dir`` when given (links are
     relative to ``md_dir``, the folder of the markdown file). Returns the markdown text."""
     rows = rows_from_run(run)
@@ -506,13 +516,14 @@ def render_report(run: dict, *, plot_dir: Optional[str | os.PathLike] = None,
         return Path(os.path.relpath(p, md_dir)).as_posix()
 
     src = json_name or run.get("_source", "the benchmark JSON")
+    command = command or f"python -m aahr_fast.benchmark_report {src}"
     lines = ["# aahr_fast benchmarks", "",
-             f"Generated by `python -m aahr_fast.benchmark_report {src}` from one run of",
+             f"Generated by `{command}` from one run of",
              "`python -m pytest benchmarks --benchmark-only --benchmark-json=FILE`; do not edit by hand.",
              "Numbers are medians of the rounds of each row; ratios compare rows of the same group measured in",
              "the same run (the machine is shared and noisy, so absolute times drift between runs, same-run",
-             "ratios much less). Speed-up = base median / row median, base = the `reference` row when the",
-             "group has one, else a `*baseline*` row, else its slowest row. Peak extra memory is the torch",
+             "ratios much less). Speed-up = base median / row median, base = the row marked `base_row`, else",
+             "the `reference` row, else a `*baseline*` row, else the slowest row. Peak extra memory is the torch",
              "allocator's peak above what was allocated before the call (profiler events); GFLOP/s counts",
              "each row's useful work; the ceiling is one fp32 `torch.mm` of a stated shape on the same",
              "thread count in the same session.",
@@ -570,8 +581,18 @@ def write_report(json_path: str | os.PathLike, out: str | os.PathLike = "docs/BE
             raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
     run = load_run(json_path)
     out = Path(out)
+    command = f"python -m aahr_fast.benchmark_report {json_path}"
+    if str(out) != "docs/BENCHMARKS.md":
+        command += f" --out {out}"
+    if plot_dir is None:
+        command += " --no-plots"
+    elif str(plot_dir) != "docs/benchmarks":
+        command += f" --plots {plot_dir}"
+    for flag, value in (("--wall-time", wall_time), ("--cpu-time", cpu_time)):
+        if value is not None:
+            command += f" {flag} {value:g}"
     text = render_report(run, plot_dir=plot_dir, md_dir=out.parent, wall_time=wall_time, json_name=str(json_path),
-                         cpu_time=cpu_time)
+                         cpu_time=cpu_time, command=command)
     with atomic_write(out, "w") as fh:
         fh.write(text)
     return text

@@ -14,7 +14,7 @@ Groups ``retrieval-1k-T*`` (1,000 images x 5,000 captions, Flickr 1K test / one 
 ``retrieval-5k-T*`` (5,000 x 25,000, COCO 5K), model preset ``flickr8k_cpu`` (``benchmarks/_e2e.py``).
 Rows (the encoding is the same, the ranking differs):
 * ``matrix``: the trainer's path (``aahr_fast/engine.py`` ``evaluate_model``): the full (N, M)
-  ``similarity_matrix`` then ``recall_metrics``;
+  ``similarity_matrix`` then ``recall_metrics`` (``base_row``: the report's ratios are against it);
 * ``streamed``: ``rank_from_embeddings`` (row / column blocks, the (N, M) matrix never exists) then
   ``metrics_from_ranks``.
 
@@ -153,7 +153,7 @@ def test_encode_and_rank(benchmark, bench_tools, threads, case, kind):
     info = dict(images=split.n, captions=split.m, embed_dim=d, threads=threads, peak_extra_mib=peak / 2**20,
                 rsum=round(metrics["rsum"], 3), encode_s=round(timings["encode_s"], 3),
                 rank_s=round(timings["rank_s"], 3), profiled_call_s=round(timings["profiled_call_s"], 3),
-                timed_call_profiled=ROUNDS[case] == 1)
+                timed_call_profiled=ROUNDS[case] == 1, base_row=kind == "matrix")
     med = t.median_seconds(benchmark)
     if med is not None:
         flops = split.encoder_flops() + 2.0 * split.n * split.m * d

@@ -194,10 +194,11 @@ def bench_tools() -> types.SimpleNamespace:
 #   anything else runs), and every benchmark starts from ``torch.set_num_threads(1)``.
 #   ``AAHR_BENCH_THREADS=1,2`` brings the 2-thread rows back.
 # * ``--benchmark-json`` output gets ``machine_info["aahr"]`` (CPU model, cores, torch / triton / numpy /
-#   python versions, thread settings, load average) and ``aahr_suite`` (wall and CPU time of the session,
-#   dates, options), read by ``python -m aahr_fast.benchmark_report``.
+#   python versions, thread settings) and ``aahr_suite`` (wall and CPU time of the session, dates, load
+#   average at start and end, options), read by ``python -m aahr_fast.benchmark_report``.
 # ====================================================================================================
 _SUITE_T0 = time.time()
+_SUITE_LOAD0 = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _suite_threads() -> int:
@@ -271,10 +272,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         torch_threads_default=_suite_threads(),
         bench_threads=os.environ.get("AAHR_BENCH_THREADS") or "1 (suite default)",
         cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        loadavg_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         full=bool(config.getoption("--full", default=False)),
     )
-    machine_info["aahr"] = info
+    machine_info["aahr"] = info  # (pytest-benchmark calls this hook when it writes the JSON, at the end)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -288,6 +288,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         cpu_s_children=round(children.ru_utime + children.ru_stime, 2),  # e.g. inductor compile workers
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(_SUITE_T0)),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(end)),
+        loadavg_start=_SUITE_LOAD0,
         loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         full=bool(config.getoption("--full", default=False)),
         args=list(config.invocation_params.args),
