@@ -280,6 +280,16 @@ class MetricsLog:
                 fh.write(json.dumps(r) + "\n")
 
 
+class _NullMetricsLog(MetricsLog):
+    """The metrics log of a non-zero rank in a multi-process run: writes nothing (rank 0 logs)."""
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def truncate_to_step(self, step: int) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------------------------------
 # data and evaluation helpers
 
@@ -402,9 +412,13 @@ class Trainer:
         resume: continue from ``run_dir/last.json``.
         log: where human-readable messages go (default: stderr).
         model_builder: ``(model_cfg, dims) -> nn.Module`` (default ``aahr_fast.models.build_model``).
+        dist: the :class:`aahr_fast.distributed.DistContext` of a multi-process run (torchrun), or
+            None for one process. With it the model trains under DistributedDataParallel on this
+            rank's shard of every global batch, and only rank 0 logs, writes files and evaluates
+            (see aahr_fast/distributed.py).
     Raises:
         ConfigError: ``run_dir`` already holds a run and ``resume`` is False; too few training
-            captions for one batch.
+            captions for one batch; ``optim.batch_size`` not divisible by the world size.
         CheckpointError: ``resume`` without a usable checkpoint, or with a checkpoint whose config
             or feature dims differ.
         DataError: from the feature folder.
@@ -412,16 +426,22 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike, *,
                  resume: bool = False, log: Callable[[str], None] | None = None,
-                 model_builder: Callable[[Any, dict], torch.nn.Module] | None = None) -> None:
+                 model_builder: Callable[[Any, dict], torch.nn.Module] | None = None,
+                 dist: Any = None) -> None:
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        self.is_main = self.dist is None or self.dist.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not self.is_main:   # rank 0 alone logs, writes and evaluates
+            self.log = lambda msg: None
         if model_builder is None:
             from aahr_fast.models import build_model as model_builder
         self.model_builder = model_builder
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics_log = (MetricsLog if self.is_main else _NullMetricsLog)(self.run_dir / "metrics.jsonl")
+        self._ddp = None
         self._setup()
 
     # ---------------------------------------------------------------- setup
@@ -432,7 +452,7 @@ class Trainer:
             raise ConfigError(f"run folder {self.run_dir} already holds a run (last.json); pass --resume to "
                               f"continue it or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = select_device(run.device)
+        self.device = select_device(run.device) if self.dist is None else self.dist.device
         if run.threads is not None:
             torch.set_num_threads(run.threads)
         seed_everything(run.seed)
@@ -451,6 +471,10 @@ class Trainer:
         if n < bs:
             raise ConfigError(f"optim.batch_size={bs} but the {d.train_split!r} split of {self.data_dir} has only "
                               f"{n} captions (batches are full, drop_last)")
+        if self.dist is not None:
+            from aahr_fast.distributed import check_batch_divisible
+
+            check_batch_divisible(bs, self.dist.world_size)
         self.batches_per_epoch = n // bs
         if cfg.schedule.max_steps_per_epoch is not None:
             self.batches_per_epoch = min(self.batches_per_epoch, cfg.schedule.max_steps_per_epoch)
@@ -459,6 +483,8 @@ class Trainer:
         self.model = self.model_builder(m, dict(self.dims)).to(self.device)
         if hasattr(self.model, "resolve_schedule"):
             self.model.resolve_schedule(self.batches_per_epoch, self.total_steps)
+        if self.dist is not None:
+            self._wrap_ddp()
         if hasattr(self.model, "param_groups"):
             groups = self.model.param_groups(cfg.optim.lr, getattr(m, "backbone_lr_mult", 0.1))
         else:
@@ -476,7 +502,7 @@ class Trainer:
 
         if self.resume:
             self._load_resume()
-        else:
+        elif self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
             if self.metrics_log.path.exists():
                 self.metrics_log.path.unlink()
@@ -484,6 +510,30 @@ class Trainer:
         self.log(f"[train] device={self.device} amp={self.autocast} threads={torch.get_num_threads()} "
                  f"train captions={n} batches/epoch={self.batches_per_epoch} epochs={cfg.schedule.epochs} "
                  f"trainable params={n_params:,} run={self.run_dir}")
+
+    def _wrap_ddp(self) -> None:
+        """Multi-process: the model computes its losses on the gathered global batch
+        (``set_distributed``) and trains under DistributedDataParallel (its construction broadcasts
+        rank 0's parameters and buffers, so every rank starts from the same model)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from aahr_fast.distributed import TrainStepModule
+
+        if not hasattr(self.model, "set_distributed"):
+            raise ConfigError(f"model.arch={getattr(self.cfg.model, 'arch', '?')!r}: this model does not support "
+                              f"multi-process training (no set_distributed)")
+        self.model.set_distributed(self.dist)
+        dev = self.dist.device
+        # find_unused_parameters: prototypes / graph have no gradient before their warm-up starts;
+        # broadcast_buffers off: the queues are identical by construction, BN statistics stay per rank
+        import inspect
+
+        no_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
+        self._ddp = DistributedDataParallel(TrainStepModule(self.model),
+                                            device_ids=[dev.index] if dev.type == "cuda" else None,
+                                            find_unused_parameters=True, **no_sync)
 
     def _train_state(self) -> dict:
         p = self.p
@@ -526,16 +576,19 @@ class Trainer:
         self.metrics_log.append({"type": "resume", "step": p.step, "epoch": p.epoch,
                                  "batch_in_epoch": p.batch_in_epoch, "checkpoint": str(ref.weights.name)})
         p.best_tag, p.best_info = prog.get("best_tag"), dict(prog.get("best_info") or {})
-        self._restore_best_pointer()
+        if self.is_main:
+            self._restore_best_pointer()
         self.log(f"[train] resumed from {ref.weights.name}: epoch {p.epoch} (+{p.batch_in_epoch} batches), "
                  f"step {p.step}")
 
-    def _save(self, pointers: tuple[str, ...], info: dict | None = None) -> CheckpointRef:
+    def _save(self, pointers: tuple[str, ...], info: dict | None = None) -> CheckpointRef | None:
         p = self.p
         epoch_for_tag = p.epoch + (1 if p.batch_in_epoch else 0)
         if "best" in pointers:
             p.best_tag = checkpoint_tag(epoch_for_tag, p.step)
             p.best_info = dict(info or {})
+        if not self.is_main:   # multi-process: rank 0 writes (all ranks hold the same model and state)
+            return None
         ref = save_checkpoint(self.run_dir, self.model, self._train_state(), epoch=epoch_for_tag, step=p.step,
                               config=self.config_dict, dims=self.dims, pointers=pointers, info=info)
         collect_garbage(self.run_dir, keep=self.cfg.run.keep_checkpoints)
@@ -567,7 +620,13 @@ class Trainer:
             self.p.perm = torch.randperm(len(self.train_set), generator=self.sampler_gen)
         self.train_set.set_epoch(epoch)
         loader_gen = torch.Generator().manual_seed(self.cfg.run.seed * 1000003 + epoch)
-        sampler = EpochBatchSampler(self.p.perm, self.cfg.optim.batch_size, start, self.batches_per_epoch)
+        if self.dist is None:
+            sampler = EpochBatchSampler(self.p.perm, self.cfg.optim.batch_size, start, self.batches_per_epoch)
+        else:   # this rank's B/W captions of each global batch of the same permutation
+            from aahr_fast.distributed import ShardedBatchSampler
+
+            sampler = ShardedBatchSampler(self.p.perm, self.cfg.optim.batch_size, start, self.batches_per_epoch,
+                                          self.dist.rank, self.dist.world_size)
         from aahr_fast.data.features import collate_captions
 
         nw = self.cfg.data.num_workers
@@ -580,13 +639,19 @@ class Trainer:
         p = self.p
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.model.training_step(batch, p.step, self.model_gen)
+            if self._ddp is None:
+                out = self.model.training_step(batch, p.step, self.model_gen)
+            else:
+                out = self._ddp(batch, p.step, self.model_gen)
         loss = out["loss"]
         loss_val = float(loss.detach().float().item())
         parts = {k: float(v) for k, v in (out.get("parts") or {}).items()}
         record = {"type": "step", "epoch": p.epoch + 1, "step": p.step + 1, "loss": loss_val, "parts": parts,
                   "lr": self.optimizer.param_groups[0]["lr"]}
-        if not math.isfinite(loss_val):
+        bad_loss = not math.isfinite(loss_val)
+        if self.dist is not None:   # every rank must take the same branch (DDP's backward is collective)
+            bad_loss = self.dist.any(bad_loss)
+        if bad_loss:
             self.optimizer.zero_grad(set_to_none=True)
             return {**record, "type": "skip", "reason": "non-finite loss"}
         self.scaler.scale(loss).backward()
@@ -637,7 +702,7 @@ class Trainer:
             loader = self._epoch_loader(epoch, start)
             t_epoch = time.perf_counter()
             bar = tqdm(loader, total=self.batches_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}",
-                       disable=not cfg.run.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+                       disable=not (cfg.run.progress and self.is_main), leave=False, dynamic_ncols=True, file=sys.stderr)
             for batch in bar:
                 batch = _to_device(batch, self.device)
                 rec = self._train_step(batch)
@@ -688,7 +753,7 @@ class Trainer:
                                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
         pointers: tuple[str, ...] = ("last",)
         info: dict[str, Any] = {}
-        if epoch % cfg.run.eval_every_epochs == 0 or epoch == cfg.schedule.epochs:
+        if (epoch % cfg.run.eval_every_epochs == 0 or epoch == cfg.schedule.epochs) and self.is_main:
             dev = evaluate_model(self.model, self.dev_fs, cfg.model, device=self.device,
                                  batch_size=cfg.data.eval_batch_size, protocol="1k",
                                  max_images=cfg.data.dev_max_images, autocast=self.autocast)
@@ -704,12 +769,20 @@ class Trainer:
         p.perm = None
         self._save(pointers, info)
         self.metrics_log.append(record)
-        if cfg.run.plots:
+        if cfg.run.plots and self.is_main:
             from aahr_fast.plots import plot_run
 
             plot_run(self.metrics_log.path, self.run_dir)
+        if self.dist is not None:   # the other ranks wait for rank 0's evaluation and checkpoint
+            self.dist.barrier()
 
     def _final_test(self) -> dict:
+        if self.dist is None:
+            return self._final_test_main()
+        results = self._final_test_main() if self.is_main else None
+        return self.dist.broadcast_object(results)   # every rank returns rank 0's results
+
+    def _final_test_main(self) -> dict:
         cfg = self.cfg
         from aahr_fast.evaluation import format_table
 

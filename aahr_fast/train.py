@@ -26,6 +26,14 @@ keys such as ``run.progress``; a change that would alter training raises Checkpo
 the keys) and continues from ``last.json``; on CPU in deterministic mode the continued run
 reproduces the uninterrupted one exactly (same losses, same final metrics).
 
+Multi-process (``docs/DISTRIBUTED.md``)::
+
+    torchrun --nproc_per_node=2 -m aahr_fast.train --config X --out runs/x   # DDP, gloo on CPU / NCCL on GPU
+    torchrun --nproc_per_node=2 -m aahr_fast.train --out runs/x --resume
+
+``optim.batch_size`` stays the *global* batch (each rank takes B / world size captions of it); rank 0
+prepares the data, logs, writes every file and evaluates (``aahr_fast/distributed.py``).
+
 Exit status: 0 on success, 2 for configuration / data / checkpoint errors (a one-line message),
 3 when the non-finite-loss guard stopped training, 130 on Ctrl-C.
 """
@@ -178,9 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+    rank0 = os.environ.get("RANK", "0") == "0"
 
+    def log(msg: str) -> None:
+        if rank0:
+            print(msg, file=sys.stderr, flush=True)
+
+    dctx = None
     try:
         overrides = _cli_overrides(args)
         stem = Path(resolve_config_path(args.config)).stem if args.config else "synthetic"
@@ -192,15 +204,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, overrides)
             run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        cfg.run.out_dir = str(run_dir)
         if cfg.run.threads is not None:
             import torch
 
             torch.set_num_threads(cfg.run.threads)
+        from aahr_fast.distributed import init_from_env
+
+        dctx = init_from_env(cfg.run.device, cfg.run.seed)   # None without torchrun (or WORLD_SIZE=1)
+        if dctx is not None:
+            run_dir = Path(dctx.broadcast_object(str(run_dir)))   # a timestamped default must agree
+        cfg.run.out_dir = str(run_dir)
+        if dctx is not None and not dctx.is_main:
+            dctx.barrier()                      # rank 0 prepares (and caches) the data first
         data_dir = resolve_data(cfg, log)
+        if dctx is not None and dctx.is_main:
+            dctx.barrier()
         from aahr_fast.engine import Trainer
 
-        trainer = Trainer(cfg, data_dir, run_dir, resume=args.resume, log=log)
+        trainer = Trainer(cfg, data_dir, run_dir, resume=args.resume, log=log, dist=dctx)
         results = trainer.fit()
         m = results["metrics"]
         log(f"[train] done in {time.perf_counter() - t0:.1f}s (this process, incl. data preparation); "
@@ -215,8 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from aahr_fast.utils.validate import error_message
 
+        if dctx is not None and not rank0:   # every rank reports its own error
+            print(f"error (rank {dctx.rank}): {error_message(err)}", file=sys.stderr, flush=True)
         log(f"error: {error_message(err)}")
         return 3 if isinstance(err, NonFiniteLossError) else 2
+    finally:
+        if dctx is not None:   # destroy_process_group, also after an error
+            from aahr_fast.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Public API used by the trainer (``aahr_fast/train.py``): :func:`build_model`,
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -95,6 +96,24 @@ class ScheduleMixin:
         return resolve_start(getattr(self.cfg, key), None, None, key)
 
 
+def _gather_step(dctx, img: EncoderOutput, txt: EncoderOutput, keys: Optional[tuple], ids: torch.Tensor):
+    """Distributed training: the encoder outputs, momentum keys and image ids of every rank, concatenated
+    in rank order (= the global batch). ``local`` / ``fused`` keep their gradient (differentiable
+    all-gather); fragments (padded to the largest fragment count), masks, lengths, keys and ids do not
+    need one (the relevance is computed from detached fragments)."""
+    from aahr_fast.distributed import all_gather_grad, all_gather_nograd
+
+    def one(out: EncoderOutput) -> EncoderOutput:
+        return EncoderOutput(frags=all_gather_nograd(out.frags, dctx, pad_dim=1),
+                             mask=all_gather_nograd(out.mask, dctx, pad_dim=1),
+                             lens=all_gather_nograd(out.lens, dctx),
+                             local=all_gather_grad(out.local, dctx), fused=all_gather_grad(out.fused, dctx))
+
+    if keys is not None:
+        keys = tuple(all_gather_nograd(k, dctx) for k in keys)
+    return one(img), one(txt), keys, all_gather_nograd(ids, dctx)
+
+
 def _check_ids(batch: dict, bsz: int) -> torch.Tensor:
     if "img_index" not in batch:
         raise DataError(f"batch has no 'img_index' (image index of each pair, for same-image masking); keys: {sorted(batch)}")
@@ -136,6 +155,15 @@ class AAHR(ScheduleMixin, nn.Module):
             self.img_key = self.txt_key = self.queue_v = self.queue_t = None
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._starts = None
+        self._dist = None
+
+    def set_distributed(self, ctx) -> None:
+        """Train on one rank of a multi-process run (:class:`aahr_fast.distributed.DistContext`, or
+        None for one process): the encoders see the local shard, the losses, graph and queues the
+        gathered global batch, the prototype loss a distributed Sinkhorn (see aahr_fast/distributed.py)."""
+        self._dist = ctx if ctx is not None and ctx.world_size > 1 else None
+        if self.prototypes is not None:
+            self.prototypes.dist = self._dist
 
     # ------------------------------------------------------------------ inference
     def encode_images(self, batch: dict) -> torch.Tensor:
@@ -173,24 +201,32 @@ class AAHR(ScheduleMixin, nn.Module):
         Raises:
             DataError for a malformed batch; ConfigError for an unresolved epoch / fraction start.
         """
-        img = self.img_enc(batch)
-        txt = self.txt_enc(batch)
-        bsz = img.fused.shape[0]
-        if txt.fused.shape[0] != bsz:
-            raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
-        ids = _check_ids(batch, bsz).to(img.fused.device)
-        keys = None
-        if self.queue_v is not None:
-            with torch.no_grad():
-                keys = (F.normalize(self.img_key(batch).fused.float(), dim=-1),
-                        F.normalize(self.txt_key(batch).fused.float(), dim=-1))
+        dctx = self._dist
+        with (dctx.local_rng(step) if dctx is not None else contextlib.nullcontext()):
+            # distributed: encoder dropout on the local shard draws from a per-rank stream
+            img = self.img_enc(batch)
+            txt = self.txt_enc(batch)
+            bsz = img.fused.shape[0]
+            if txt.fused.shape[0] != bsz:
+                raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
+            ids = _check_ids(batch, bsz).to(img.fused.device)
+            keys = None
+            if self.queue_v is not None:
+                with torch.no_grad():
+                    keys = (F.normalize(self.img_key(batch).fused.float(), dim=-1),
+                            F.normalize(self.txt_key(batch).fused.float(), dim=-1))
+        local_fused = None
+        if dctx is not None:
+            # the losses, graph and queues need the global batch: gather (differentiable) in rank order
+            local_fused = (img.fused.float(), txt.fused.float())
+            img, txt, keys, ids = _gather_step(dctx, img, txt, keys, ids)
         with torch.autocast(img.fused.device.type, enabled=False):
             # the losses, prototypes, graph and queues run in float32 even under mixed precision:
             # they act on (B, D) / (2B, 2B) tensors, are cheap, and are sensitive (exp, top-k, Sinkhorn)
-            return self._losses(img, txt, keys, ids, step, generator)
+            return self._losses(img, txt, keys, ids, step, generator, local_fused)
 
     def _losses(self, img: EncoderOutput, txt: EncoderOutput, keys: Optional[tuple], ids: torch.Tensor,
-                step: int, generator: torch.Generator) -> dict:
+                step: int, generator: torch.Generator, local_fused: Optional[tuple] = None) -> dict:
         cfg = self.cfg
         img = img._replace(local=img.local.float(), fused=img.fused.float(), frags=img.frags.float())
         txt = txt._replace(local=txt.local.float(), fused=txt.fused.float(), frags=txt.frags.float())
@@ -200,7 +236,8 @@ class AAHR(ScheduleMixin, nn.Module):
 
         if self.prototypes is not None:
             if step >= self.start_of("proto_start"):
-                lp = self.prototypes(img.fused, txt.fused)
+                # distributed: the local shard with a distributed Sinkhorn (value = global loss)
+                lp = self.prototypes(*(local_fused if local_fused is not None else (img.fused, txt.fused)))
                 total = total + cfg.proto_weight * lp
                 parts["proto"] = float(lp.detach())
             else:

@@ -40,6 +40,12 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         self.img_fc = nn.Linear(dims["region_dim"], cfg.embed_dim)
         self.txt_fc = nn.Linear(tdim, cfg.embed_dim)
         self._starts = None
+        self._dist = None
+
+    def set_distributed(self, ctx) -> None:
+        """Train on one rank of a multi-process run (:class:`aahr_fast.distributed.DistContext` or None):
+        the loss is computed on the gathered global batch (aahr_fast/distributed.py)."""
+        self._dist = ctx if ctx is not None and ctx.world_size > 1 else None
 
     def encode_images(self, batch: dict) -> torch.Tensor:
         """(B, D) L2-normalised image embeddings. Needs ``regions, region_lens``; raises DataError otherwise."""
@@ -64,6 +70,11 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         if f_v.shape[0] != f_t.shape[0]:
             raise DataError(f"batch has {f_v.shape[0]} images but {f_t.shape[0]} captions")
         ids = _check_ids(batch, f_v.shape[0]).to(f_v.device)
+        if self._dist is not None:   # in-batch negatives over the global batch (differentiable gather)
+            from aahr_fast.distributed import all_gather_grad, all_gather_nograd
+
+            f_v, f_t = all_gather_grad(f_v, self._dist), all_gather_grad(f_t, self._dist)
+            ids = all_gather_nograd(ids, self._dist)
         with torch.autocast(f_v.device.type, enabled=False):   # the loss in float32 under mixed precision
             loss = matching_loss(c.loss, f_v.float(), f_t.float(), ids, generator, margin=c.margin, n=c.dws_n,
                                  cutoff=c.dws_cutoff, min_dist=c.dws_min_dist, mask_same_image=c.mask_same_image)

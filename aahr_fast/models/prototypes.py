@@ -29,6 +29,8 @@ class Prototypes(nn.Module):
     Forward:
         f_v (B, D), f_t (B, D) float (the fused embeddings) -> scalar loss
         ``-1/B sum_i sum_k q^t_ik log softmax(f_v,i C^T / tau)_k - 1/B sum_i sum_k q^v_ik log softmax(f_t,i C^T / tau)_k``.
+    In a multi-process run (``dist`` set by ``AAHR.set_distributed``) ``f_v, f_t`` are this rank's
+    shard and the codes come from ``aahr_fast.distributed.distributed_sinkhorn``.
     Raises:
         DataError on shape mismatch.
     """
@@ -38,6 +40,7 @@ class Prototypes(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_prototypes, dim))
         self.eps, self.n_iters, self.tau, self.backend = eps, n_iters, tau, backend
+        self.dist = None   # set by AAHR.set_distributed: f_v, f_t are then this rank's shard
         self.normalize_()
 
     @torch.no_grad()
@@ -59,5 +62,12 @@ class Prototypes(nn.Module):
             protos = self.weight
         else:   # eval (e.g. a validation loss): leave the parameter untouched
             protos = F.normalize(self.weight, dim=1)
+        if self.dist is not None and self.training:
+            # multi-process: local rows, distributed Sinkhorn (global sums by all_reduce); the value is
+            # the global loss, the gradient is scaled for DDP's averaging (aahr_fast/distributed.py)
+            from aahr_fast.distributed import sharded_swapped_prediction_loss
+
+            return sharded_swapped_prediction_loss(f_v, f_t, protos, eps=self.eps, n_iters=self.n_iters,
+                                                   tau=self.tau, ctx=self.dist)
         kw = {"backend": self.backend} if self.backend else {}
         return ops.swapped_prediction_loss(f_v, f_t, protos, eps=self.eps, n_iters=self.n_iters, tau=self.tau, **kw)
