@@ -63,11 +63,11 @@ def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="loss")
         ax.plot(x, moving_average(y, window), color="tab:blue", lw=1.6, label=f"loss (avg {window})")
         names = sorted({k for r in steps for k in (r.get("parts") or {})} - {"total", "loss"})
-        for name in names:
+        for i, name in enumerate(names):
             py = np.array([(r.get("parts") or {}).get(name, np.nan) for r in steps], dtype=np.float64)
             ok = np.isfinite(py)
-            if ok.any() and np.nanmax(np.abs(py)) > 0:
-                ax.plot(x[ok], moving_average(py[ok], window), lw=1.0, label=name)
+            if ok.any() and np.nanmax(np.abs(py)) > 0:  # C0 is the total loss
+                ax.plot(x[ok], moving_average(py[ok], window), lw=1.0, color=f"C{1 + i % 9}", label=name)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training loss")
         ax.set_title("training loss")

@@ -276,3 +276,11 @@ def test_eccv_needs_the_coco_5k_split(trained_run, toy_dir, capsys):
     code = evaluate_cli.main(["--checkpoint", str(trained_run), "--data", str(toy_dir), "--eccv"])
     err = capsys.readouterr().err
     assert code == 2 and "COCO 5K" in err and "50 images x 250 captions" in err
+
+
+def test_moving_average_is_trailing():
+    from aahr_fast.plots import moving_average
+
+    assert np.allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    assert np.allclose(moving_average(np.array([2.0, 4.0]), 1), [2.0, 4.0])
+    assert moving_average(np.array([]), 3).size == 0
