@@ -403,6 +403,8 @@ def plot_speedups(groups: dict[str, list[Row]], path: str | os.PathLike) -> bool
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(items) + 1.2))
     ys = range(len(items))
     ax.barh(list(ys), [s for _, _, s in items], color="tab:blue")
+    for y, (_, _, sp) in zip(ys, items):
+        ax.text(sp, y, f" {sp:.2f}x", va="center", fontsize=8)
     ax.set_yticks(list(ys), [f"{g} ({lab})" for g, lab, _ in items], fontsize=8)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
@@ -454,7 +456,7 @@ def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] 
     suite = run.get("aahr_suite") or {}
     commit = run.get("commit_info") or {}
     facts = [
-        ("date", str(run.get("datetime", suite.get("started", "?")))),
+        ("date (end of run)", str(run.get("datetime", suite.get("finished", "?")))),
         ("CPU", str(aahr.get("cpu_model") or cpu.get("brand_raw") or mi.get("processor") or "?")),
         ("cores", f"{aahr.get('logical_cpus', cpu.get('count', '?'))} logical, "
                   f"{aahr.get('usable_cpus', '?')} usable by the process"),
