@@ -18,9 +18,13 @@ Robustness:
 
 - Work happens in shards (``shard_images`` images / ``shard_captions`` captions) written atomically into the
   hidden work folder ``out_dir/.prepare_work``; a killed run continues from the last complete shard.
-- Final arrays are assembled from the shards into a temporary file (memory-mapped, so memory stays bounded by
-  one shard) and renamed atomically; ``meta.json`` is written last. Any existing ``meta.json`` is removed
-  before a rebuild starts, so a folder is complete exactly when ``meta.json`` is present and matches.
+- Final arrays are assembled from the shards (memory-mapped, so memory stays bounded by one shard) into the
+  staging folder ``.prepare_work/staged``. A complete folder being rebuilt is not touched until every split
+  has been extracted and staged: only then is the swap journal ``.prepare_work/swap.json`` written, the old
+  ``meta.json`` removed, the staged files renamed over the old ones and the new ``meta.json`` written last. A
+  failed rebuild (e.g. a corrupt image) therefore leaves the previous folder complete and loadable; a run
+  killed during the swap is finished by the next run from the journal. A folder is complete exactly when
+  ``meta.json`` is present and matches.
 - ``meta.json`` carries a content hash of the inputs (image file names, sizes, mtimes; caption text and
   caption->image map), backbone identities (weight files' paths, sizes, mtimes), dtype and options. A re-run
   with the same hash is a no-op; a different hash rebuilds.
@@ -51,6 +55,8 @@ __all__ = ["prepare", "main", "FORMAT", "WORK_DIR"]
 
 FORMAT = "aahr_fast.prepared/1"
 WORK_DIR = ".prepare_work"
+STAGED_DIR = "staged"  # inside WORK_DIR: the new final files until the swap
+SWAP_JOURNAL = "swap.json"  # inside WORK_DIR: written once everything is staged; holds the new meta.json
 #: Test hook: SIGKILL this process right after the k-th shard file of a run has been written.
 KILL_ENV = "AAHR_PREPARE_KILL_AFTER_SHARDS"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -353,6 +359,45 @@ def _remove_stale_temps(folder: Path, stems: Iterable[str]) -> None:
             f.unlink(missing_ok=True)
 
 
+def _load_journal(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"swap journal {path} is unreadable ({e}); delete {path.parent} and re-run") from e
+
+
+def _swap_in(out: Path, work: Path, meta: dict) -> None:
+    """Move the staged files of ``meta["files"]`` over ``out``'s, then write ``meta.json`` and drop ``work``.
+
+    Called only once every split is staged and the journal ``work/swap.json`` (holding ``meta``) exists, so
+    a run killed in here is completed by the next one. The old ``meta.json`` goes first: while files are
+    being replaced the folder reads as incomplete, never as complete with mixed contents.
+
+    Raises:
+        DataError: a staged file is missing from both the staging folder and ``out`` (work folder damaged).
+    """
+    staged = work / STAGED_DIR
+    (out / "meta.json").unlink(missing_ok=True)
+    for name, size in meta["files"].items():
+        src = staged / name
+        if src.is_file():
+            os.replace(src, out / name)
+        elif not ((out / name).is_file() and (out / name).stat().st_size == size):
+            raise DataError(f"staged file {src} is missing (work folder damaged); delete {work} and re-run")
+    _fsync_dir(out)
+    atomic_save_json({k: v for k, v in meta.items() if k != "noop"}, out / "meta.json")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _split_files(name: str) -> list[str]:
     return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt",
                                      "txt_tokens.npy", "txt_lens.npy", "txt_global.npy", "txt_input_ids.npy")]
@@ -468,9 +513,7 @@ def prepare(
             old["noop"] = True
             return old
     with _exclusive(out):
-        # From here on the folder is incomplete until the new meta.json lands.
-        meta_path.unlink(missing_ok=True)
-
+        # The existing folder (complete or not) is left alone until everything new is staged: see _swap_in.
         work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
         state_path = work / "state.json"
         if work.is_dir():
@@ -483,10 +526,21 @@ def prepare(
         work.mkdir(parents=True, exist_ok=True)
         if not state_path.is_file():
             atomic_save_json({"work_key": work_key, "content_hash": content_hash, "config": config}, state_path)
+        staged = work / STAGED_DIR
+        staged.mkdir(exist_ok=True)
         for f in work.iterdir():  # temp files of atomic writers killed mid-write
             if f.name.startswith(".") and f.name.endswith(".tmp"):
                 f.unlink(missing_ok=True)
-        _remove_stale_temps(out, [Path(n).stem for j in jobs for n in _split_files(j.name)] + ["meta"])
+        stems = [Path(n).stem for j in jobs for n in _split_files(j.name)]
+        _remove_stale_temps(out, stems + ["meta"])
+        _remove_stale_temps(staged, stems)
+        if (work / SWAP_JOURNAL).is_file():  # a run killed during its swap: everything is staged, finish it
+            meta = _load_journal(work / SWAP_JOURNAL)
+            _swap_in(out, work, meta)
+            print(f"prepare: finished the interrupted swap of {out} ({time.perf_counter() - t_start:.1f} s)",
+                  flush=True)
+            meta["noop"] = False
+            return meta
 
         # --- models ---------------------------------------------------------------------------------------
         import torch
@@ -501,7 +555,7 @@ def prepare(
         try:
             for job in jobs:
                 done_path = work / f"{job.name}.done"
-                if done_path.is_file() and all((out / f).is_file() for f in _split_files(job.name)):
+                if done_path.is_file() and all((staged / f).is_file() for f in _split_files(job.name)):
                     stats[job.name] = json.loads(done_path.read_text())
                     continue
                 if ib is None:
@@ -527,7 +581,7 @@ def prepare(
                                                        text_batch_size, shard_captions, counter, progress)
                 g_img = _load_npz(img_files[0], "glob").shape[1]
                 g_txt = _load_npz(txt_files[0], "glob").shape[1]
-                p = lambda suffix: out / f"{job.name}_{suffix}"  # noqa: E731
+                p = lambda suffix: staged / f"{job.name}_{suffix}"  # noqa: E731
                 _assemble(p("ims.npy"), img_files, "regions", (ib.num_regions, ib.region_dim), n, np_dtype)
                 _assemble(p("ims_global.npy"), img_files, "glob", (g_img,), n, np_dtype)
                 _assemble(p("txt_tokens.npy"), txt_files, "tokens", (lmax, tb.dim), m, np_dtype)
@@ -553,7 +607,7 @@ def prepare(
         finally:
             torch.set_num_threads(old_threads)
 
-        files = {f: (out / f).stat().st_size for j in jobs for f in _split_files(j.name)}
+        files = {f: (staged / f).stat().st_size for j in jobs for f in _split_files(j.name)}
         first = stats[jobs[0].name]
         vocab_size = json.loads((Path(txt_path) / "config.json").read_text()).get("vocab_size")
         meta = {
@@ -585,8 +639,9 @@ def prepare(
             "files": files,
             "wall_seconds": round(time.perf_counter() - t_start, 3),
         }
-        atomic_save_json(meta, meta_path)
-        shutil.rmtree(work, ignore_errors=True)
+        # Everything is staged: journal, then swap (old meta.json out first, new meta.json last).
+        atomic_save_json(meta, work / SWAP_JOURNAL)
+        _swap_in(out, work, meta)
         summary = ", ".join(f"{k}: {v['num_images']} images / {v['num_captions']} captions" for k, v in stats.items())
         print(f"prepare: wrote {out} ({summary}) in {meta['wall_seconds']:.1f} s", flush=True)
         meta["noop"] = False

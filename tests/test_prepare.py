@@ -258,3 +258,68 @@ def test_images_are_stored_in_first_appearance_order(flickr8k_dir, backbones, tm
     with torch.inference_mode():
         r, _ = ib(ib.preprocess([real.image_paths[2]]))
     np.testing.assert_allclose(np.load(out / "test_ims.npy")[0].astype(np.float32), r[0].numpy(), atol=1e-2, rtol=1e-3)
+
+
+def _copied_split(name: str, flickr8k_dir: Path, root: Path, n: int = 2) -> ImageTextSplit:
+    """``n`` real images of a split, copied under ``root`` (so one can be damaged), as an in-memory split."""
+    real = read_flickr8k(flickr8k_dir, name).subset(n)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for iid, p in zip(real.image_ids, real.image_paths):
+        (root / iid).write_bytes(Path(p).read_bytes())
+        paths.append(root / iid)
+    return ImageTextSplit(name, str(root), real.image_ids, paths, real.captions, real.caption_image)
+
+
+def test_failed_rebuild_keeps_every_split_and_interrupted_swap_finishes(flickr8k_dir, backbones, tmp_path,
+                                                                         monkeypatch):
+    """Issue 7 gap 1: a rebuild that fails on a corrupt image of the 2nd split leaves every file of the
+    complete folder (both splits and meta.json) byte-identical; a rebuild killed halfway through its swap
+    leaves no meta.json and the next run finishes the swap from the journal (same files as a clean run)."""
+    import aahr_fast.prepare as prep
+
+    ib, tb = backbones
+    spec = {s: _copied_split(s, flickr8k_dir, tmp_path / "imgs" / s) for s in SPLITS}
+    out = tmp_path / "out"
+    opts = dict(OPTS, num_images=None)
+    prepare(spec, out, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    bad = spec["test"].image_paths[1]
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) * 2 // 5])
+    with pytest.raises(DataError, match=str(bad)):
+        prepare(spec, out, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    staged = sorted(p.name for p in (out / WORK_DIR / prep.STAGED_DIR).iterdir())
+    assert staged == sorted([f"dev_{a}.npy" for a in ARRAYS] + [f"dev_{t}.txt" for t in TEXTS])
+
+    # repaired image (new mtime -> new content hash); the swap dies after 3 files were renamed
+    bad.write_bytes(good)
+    os.utime(bad, ns=(1, 1))
+    real_replace, moved = os.replace, []
+
+    def dying_replace(src, dst):
+        if Path(src).parent.name == prep.STAGED_DIR and Path(dst).parent == out:  # the swap, not staging
+            if len(moved) == 3:
+                raise KeyboardInterrupt("killed mid-swap")
+            moved.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(prep.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(spec, out, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)
+    monkeypatch.setattr(prep.os, "replace", real_replace)
+    assert len(moved) == 3
+    assert not (out / "meta.json").exists() and (out / WORK_DIR / prep.SWAP_JOURNAL).is_file()
+    meta = prepare(spec, out, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)
+    assert meta["noop"] is False and not (out / WORK_DIR).exists()
+    assert prepare(spec, out, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)["noop"] is True
+
+    clean = tmp_path / "clean"
+    prepare(spec, clean, splits=SPLITS, image_backbone=ib, text_backbone=tb, **opts)
+    for s in SPLITS:
+        for a in ARRAYS:
+            assert (out / f"{s}_{a}.npy").read_bytes() == (clean / f"{s}_{a}.npy").read_bytes(), f"{s}_{a}"
+        for t in TEXTS:
+            assert (out / f"{s}_{t}.txt").read_bytes() == (clean / f"{s}_{t}.txt").read_bytes(), f"{s}_{t}"
