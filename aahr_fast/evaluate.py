@@ -62,7 +62,9 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     Returns:
         (metrics dict, similarity matrix (N, M) float32 tensor or None, the FeatureSplit, the config).
     Raises:
-        CheckpointError: unusable checkpoint, differing feature dims or config (named).
+        CheckpointError: unusable checkpoint, differing feature dims or config (named), or ``data`` made
+            by other backbones than the run's training folder (both ``meta.json`` readable; see
+            :func:`aahr_fast.retrieval.check_trained_backbones`).
         DataError: from the feature folder.
     """
     import torch
@@ -70,6 +72,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     from aahr_fast.checkpoint import load_weights, read_weights_meta, resolve_checkpoint
     from aahr_fast.config import config_from_dict, config_to_dict, diff_configs, load_config
     from aahr_fast.engine import amp_dtype, evaluate_model, feature_dims, open_feature_split, select_device
+    from aahr_fast.retrieval import check_trained_backbones
     from aahr_fast.train import resolve_data
 
     ref = resolve_checkpoint(checkpoint, prefer=which)
@@ -81,6 +84,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
         if diffs:
             raise CheckpointError(f"{ref.weights}: checkpoint was trained with a different model config than "
                                   f"{config}: " + "; ".join(diffs))
+    trained_cfg = config_from_dict(meta["config"])  # data.path: the folder the run was trained on
     if data is not None:
         cfg.data.path = data
     folder = resolve_data(cfg, log)
@@ -91,6 +95,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     if bad:
         raise CheckpointError(f"{ref.weights} was trained on features with different dims than {folder} "
                               f"(split {split}): " + "; ".join(bad))
+    check_trained_backbones(ref.weights, trained_cfg, folder, what="data")
     dev = select_device(device)
     from aahr_fast.models import build_model
 

@@ -249,13 +249,12 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     """
     from aahr_fast.engine import feature_dims
     from aahr_fast.retrieval import (
-        _backbone_identity,
         _check_modality,
+        check_trained_backbones,
         encode_gallery,
         file_sha256,
         load_model,
         read_prepared_meta,
-        training_data_meta,
     )
     from aahr_fast.utils.io import atomic_save_json
 
@@ -284,14 +283,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     if bad:
         raise CheckpointError(f"{loaded.weights} was trained on features with different dims than {folder} "
                               f"(split {split}): " + "; ".join(bad))
+    check_trained_backbones(loaded.weights, cfg, folder, what="gallery")
     meta = read_prepared_meta(folder) if (folder / "meta.json").is_file() else None
-    train_meta, train_where = training_data_meta(cfg)
-    if meta is not None and train_meta is not None:
-        ident, trained = _backbone_identity(meta), _backbone_identity(train_meta)
-        diffs = [f"{k}: trained on {trained[k]!r}, gallery {ident[k]!r}" for k in ident if ident[k] != trained[k]]
-        if diffs:
-            raise CheckpointError(f"{loaded.weights} was trained on features of other backbones ({train_where}) "
-                                  f"than {folder}: " + "; ".join(diffs))
     bs = batch_size or int(cfg.data.eval_batch_size)
     emb = encode_gallery(loaded, fs, modality, batch_size=bs).numpy()
     t_enc = time.perf_counter() - t0

@@ -40,6 +40,7 @@ __all__ = [
     "read_prepared_meta",
     "training_data_meta",
     "check_backbones",
+    "check_trained_backbones",
     "encode_gallery",
     "brute_force_topk",
     "overlap_recall",
@@ -213,6 +214,39 @@ def check_backbones(gallery_meta: dict, train_meta: dict | None = None, *, what:
             raise ConfigError("the model was trained on features of other backbones than the " + what
                               + ": " + "; ".join(diffs))
     return ident
+
+
+def check_trained_backbones(weights: Any, config: Any, folder: str | os.PathLike, *, what: str = "data") -> None:
+    """Refuse features of ``folder`` made by other backbones than the ones a checkpoint was trained on.
+
+    Equal feature dims from different backbones (e.g. another BERT of the same width) would otherwise be
+    scored or indexed silently with meaningless results. The identity compared is that of
+    :func:`check_backbones` (image / text backbone names, OpenCLIP model, dims), read from ``folder/meta.json``
+    and the ``meta.json`` of the run's training folder (:func:`training_data_meta` of ``config``). Nothing is
+    checked when either is unavailable (a SCAN folder without ``meta.json``, synthetic or raw training data,
+    or a training folder no longer on this machine).
+
+    Args:
+        weights: the checkpoint's weights file (named in the message).
+        config: the run's :class:`~aahr_fast.config.Config` as trained (its ``data.path`` is the training folder).
+        folder: the prepared feature folder about to be used.
+        what: name of ``folder`` in the message (``"data"`` for evaluation, ``"gallery"`` for an index).
+    Raises:
+        CheckpointError: the backbones differ; names the weights file, the training folder, ``folder`` and
+            every differing field (``text: trained on 'toy', data 'other-bert-32'``).
+        DataError: an unreadable ``meta.json``.
+    """
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        return
+    train_meta, train_where = training_data_meta(config)
+    if train_meta is None:
+        return
+    ident, trained = _backbone_identity(read_prepared_meta(folder)), _backbone_identity(train_meta)
+    diffs = [f"{k}: trained on {trained[k]!r}, {what} {ident[k]!r}" for k in ident if ident[k] != trained[k]]
+    if diffs:
+        raise CheckpointError(f"{weights} was trained on features of other backbones ({train_where}) "
+                              f"than {folder}: " + "; ".join(diffs))
 
 
 # ----------------------------------------------------------------------------------------------------
