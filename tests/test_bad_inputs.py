@@ -1078,20 +1078,13 @@ def _tiny_model():
     return build_model(config_from_dict({"model": TINY_MODEL}).model, TOY_DIMS).eval()
 
 
-@case("dims/model-batch-region-dim", DataError, "regions", "40", "64",
-      gap="models/encoders.py check_fragments(): a batch whose feature size differs from the model's "
-          "(regions (B, N, 40) into a model built for region_dim=64) is not checked; encode_images fails deep "
-          "in a Linear with RuntimeError 'mat1 and mat2 shapes cannot be multiplied (48x40 and 64x32)'; it "
-          "should raise DataError naming batch['regions'], the size found and the size expected")
+@case("dims/model-batch-region-dim", DataError, "batch['regions'] has feature size 40", "region_dim=64")
 def _(w):
     model = _tiny_model()
     return lambda: model.encode_images(_toy_batch(dr=40))
 
 
-@case("dims/model-batch-token-dim", DataError, "tokens", "16", "32",
-      gap="models/encoders.py check_fragments(): batch['tokens'] with D=16 into a model built for token_dim=32 "
-          "raises RuntimeError 'mat1 and mat2 shapes cannot be multiplied (28x16 and 32x32)' in encode_texts; "
-          "it should raise DataError naming batch['tokens'], found 16, expected 32")
+@case("dims/model-batch-token-dim", DataError, "batch['tokens'] has feature size 16", "token_dim=32")
 def _(w):
     model = _tiny_model()
     return lambda: model.encode_texts(_toy_batch(dt=16))
@@ -1329,13 +1322,41 @@ def _(w):
     return lambda: evaluate_coco_5fold(torch.randn(7, 7), np.arange(7))
 
 
-@case("sizes/model-empty-batch", DataError, "empty",
-      gap="models/encoders.py check_fragments() / AAHR.encode_images: an empty batch (B = 0) raises RuntimeError "
-          "'cannot reshape tensor of 0 elements into shape [0, 2, -1, 12]' from the attention reshape (also in "
-          "encode_texts and training_step); it should raise DataError 'empty batch'")
+@case("sizes/model-empty-batch", DataError, "empty batch", "batch['regions']", "B = 0")
 def _(w):
     model = _tiny_model()
     return lambda: model.encode_images(_toy_batch(b=0))
+
+
+@case("sizes/model-empty-batch-texts", DataError, "empty batch", "batch['tokens']", "B = 0")
+def _(w):
+    model = _tiny_model()
+    return lambda: model.encode_texts(_toy_batch(b=0))
+
+
+@case("sizes/model-empty-batch-training-step", DataError, "empty batch", "B = 0")
+def _(w):
+    model = _tiny_model().train()
+    return lambda: model.training_step(_toy_batch(b=0), 0, torch.Generator().manual_seed(0))
+
+
+@case("dims/model-batch-image-global-dim", DataError, "global vector for 'regions' has size 40",
+      "img_global_dim=48")
+def _(w):
+    model = _tiny_model()
+    batch = _toy_batch()
+    batch["img_global"] = torch.randn(4, 40)
+    return lambda: model.encode_images(batch)
+
+
+@case("dims/baseline-batch-region-dim", DataError, "batch['regions'] has feature size 40", "region_dim=64")
+def _(w):
+    from aahr_fast.config import config_from_dict
+    from aahr_fast.models import build_model
+
+    cfg = config_from_dict({"model": {**TINY_MODEL, "arch": "vse"}}).model
+    model = build_model(cfg, TOY_DIMS).eval()
+    return lambda: model.encode_images(_toy_batch(dr=40))
 
 
 @case("sizes/collate-empty-batch", DataError, "collate: empty batch")

@@ -168,12 +168,14 @@ class AAHR(ScheduleMixin, nn.Module):
     # ------------------------------------------------------------------ inference
     def encode_images(self, batch: dict) -> torch.Tensor:
         """Final fused image embeddings ``f_v`` (B, D) float32 (norm <= 1; retrieval uses dot products).
-        Call in eval mode. Needs ``regions, region_lens, img_global``; raises DataError otherwise."""
+        Call in eval mode. Needs ``regions, region_lens, img_global``; raises DataError otherwise, for an
+        empty batch (B = 0) and for feature sizes other than ``region_dim`` / ``img_global_dim``."""
         return self.img_enc(batch).fused
 
     def encode_texts(self, batch: dict) -> torch.Tensor:
         """Final fused text embeddings ``f_t`` (B, D) float32. Call in eval mode. Needs ``tokens`` (or
-        ``input_ids``), ``token_lens``, ``txt_global``; raises DataError otherwise."""
+        ``input_ids``), ``token_lens``, ``txt_global``; raises DataError otherwise, for an empty batch
+        (B = 0) and for feature sizes other than ``token_dim`` / ``txt_global_dim``."""
         return self.txt_enc(batch).fused
 
     # ------------------------------------------------------------------ training
@@ -199,7 +201,8 @@ class AAHR(ScheduleMixin, nn.Module):
             step: 0-based global iteration (warm-up gating).
             generator: torch.Generator for the triplet negative sampling (determinism).
         Raises:
-            DataError for a malformed batch; ConfigError for an unresolved epoch / fraction start.
+            DataError for a malformed batch (missing key, empty batch, feature sizes other than the
+            model's dims, bad lengths); ConfigError for an unresolved epoch / fraction start.
         """
         dctx = self._dist
         with (dctx.local_rng(step) if dctx is not None else contextlib.nullcontext()):

@@ -53,14 +53,14 @@ class VSEBaseline(ScheduleMixin, nn.Module):
             if key not in batch:
                 raise DataError(f"batch has no {key!r}; keys: {sorted(batch)}")
         x, lens = batch["regions"], batch["region_lens"].long()
-        check_fragments(x, lens, None, "regions")
+        check_fragments(x, lens, None, "regions", dim=self.img_fc.in_features)
         return F.normalize(self.img_fc(masked_mean(x.float(), lengths_to_mask(lens, x.shape[1]))), dim=-1)
 
     def encode_texts(self, batch: dict) -> torch.Tensor:
         """(B, D) L2-normalised text embeddings from ``tokens`` (or ``input_ids`` when fine-tuning) and
         ``token_lens``; raises DataError otherwise."""
         x, lens = text_token_features(batch, self.backbone)
-        check_fragments(x, lens, None, "tokens")
+        check_fragments(x, lens, None, "tokens", dim=self.txt_fc.in_features)
         return F.normalize(self.txt_fc(masked_mean(x.float(), lengths_to_mask(lens, x.shape[1]))), dim=-1)
 
     def training_step(self, batch: dict, step: int, generator: torch.Generator) -> dict:

@@ -46,13 +46,38 @@ class EncoderOutput(NamedTuple):
     fused: torch.Tensor
 
 
-def check_fragments(x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor], what: str) -> None:
-    """Validate one side of a batch: x (B, N, D) float, lens (B,) int in [1, N], glob (B, Dg).
+#: Name of the model dimension each batch key is checked against (the keys of ``build_model``'s ``dims``).
+_DIM_NAMES = {"regions": "region_dim", "tokens": "token_dim", "input_ids": "token_dim"}
+_GLOBAL_DIM_NAMES = {"regions": "img_global_dim", "tokens": "txt_global_dim"}
 
-    Raises DataError naming the batch key (``what``) and the offending index.
+
+def check_fragments(x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor], what: str, *,
+                    dim: Optional[int] = None, glob_dim: Optional[int] = None) -> None:
+    """Validate one side of a batch: x (B, N, D) float with B >= 1, lens (B,) int in [1, N], glob (B, Dg).
+
+    Args:
+        x: fragment features (B, N, D) (``batch['regions']`` / ``batch['tokens']``).
+        lens: (B,) integer lengths. glob: (B, Dg) global vectors or None.
+        what: the batch key of ``x`` (named in every message).
+        dim: the feature size D the model was built for (``region_dim`` / ``token_dim``); None = not checked.
+        glob_dim: the global width Dg the model was built for (``img_global_dim`` / ``txt_global_dim``); None =
+            not checked.
+    Raises:
+        DataError: ``empty batch`` (B = 0); a feature size other than ``dim`` / ``glob_dim`` (naming
+            ``batch[what]``, the size found and the size expected); bad shapes or lengths (naming the key and
+            the offending item index). Without these checks the first Linear / attention reshape fails
+            deep inside the model with an unhelpful RuntimeError.
     """
     if x.dim() != 3:
         raise DataError(f"batch[{what!r}]: expected (B, N, D) features, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise DataError(f"empty batch: batch[{what!r}] has shape {tuple(x.shape)} (B = 0); encoding and training "
+                        f"need at least one item")
+    if dim is not None and x.shape[2] != dim:
+        name = _DIM_NAMES.get(what, "feature dim")
+        raise DataError(f"batch[{what!r}] has feature size {x.shape[2]} (shape {tuple(x.shape)}), but the model "
+                        f"was built for {name}={dim}: the features come from another extractor than the "
+                        f"model's training data")
     if lens.dim() != 1 or lens.shape[0] != x.shape[0]:
         raise DataError(f"batch lengths for {what!r}: expected shape ({x.shape[0]},), got {tuple(lens.shape)}")
     if lens.dtype.is_floating_point:
@@ -63,6 +88,10 @@ def check_fragments(x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Te
         raise DataError(f"batch lengths for {what!r}: item {i} has length {int(lens[i])}, expected 1..{x.shape[1]}")
     if glob is not None and (glob.dim() != 2 or glob.shape[0] != x.shape[0]):
         raise DataError(f"global vector for {what!r}: expected ({x.shape[0]}, Dg), got {tuple(glob.shape)}")
+    if glob is not None and glob_dim is not None and glob.shape[1] != glob_dim:
+        name = _GLOBAL_DIM_NAMES.get(what, "global dim")
+        raise DataError(f"global vector for {what!r} has size {glob.shape[1]} (shape {tuple(glob.shape)}), but the "
+                        f"model was built for {name}={glob_dim}")
 
 
 class MaskedBatchNorm1d(nn.Module):
@@ -203,6 +232,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.enc = FragmentEncoder(region_dim, global_dim, cfg, cfg.img_proj)
         self.use_global = cfg.use_global
+        self.region_dim, self.global_dim = int(region_dim), int(global_dim)
 
     def forward(self, batch: dict) -> EncoderOutput:
         for key in ("regions", "region_lens") + (("img_global",) if self.use_global else ()):
@@ -210,7 +240,7 @@ class ImageEncoder(nn.Module):
                 raise DataError(f"batch has no {key!r} (image side needs regions, region_lens, img_global); keys: {sorted(batch)}")
         x, lens = batch["regions"], batch["region_lens"].long()
         glob = batch.get("img_global") if self.use_global else None
-        check_fragments(x, lens, glob, "regions")
+        check_fragments(x, lens, glob, "regions", dim=self.region_dim, glob_dim=self.global_dim)
         return self.enc(x, lens, glob)
 
 
@@ -283,6 +313,7 @@ class TextEncoder(nn.Module):
         in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
         self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
         self.use_global = cfg.use_global
+        self.in_dim, self.global_dim = int(in_dim), int(global_dim)
 
     def token_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, L, Dt), lens (B,)) from the batch, through the backbone when fine-tuning."""
@@ -293,5 +324,5 @@ class TextEncoder(nn.Module):
         if self.use_global and "txt_global" not in batch:
             raise DataError(f"batch has no 'txt_global' (use_global=True); keys: {sorted(batch)}")
         glob = batch.get("txt_global") if self.use_global else None
-        check_fragments(x, lens, glob, "tokens")
+        check_fragments(x, lens, glob, "tokens", dim=self.in_dim, glob_dim=self.global_dim)
         return self.enc(x, lens, glob)
