@@ -347,7 +347,17 @@ def _suggest(name: str, valid: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _unknown_key(prefix: str, name: str, valid: Sequence[str]) -> ConfigError:
+def unknown_key_error(prefix: str, name: str, valid: Sequence[str]) -> ConfigError:
+    """The ConfigError for an unknown config key, with the closest valid key suggested (``difflib``).
+
+    Args:
+        prefix: dotted section of the key (``"model"``), or ``""`` for a bare key.
+        name: the unknown key. valid: the valid keys of that section, listed in the message.
+    Returns:
+        ``ConfigError("unknown config key 'model.num_prototype'; did you mean 'model.num_prototypes'? (valid
+        keys of model: ...)")`` (not raised: the caller raises it). Shared by the YAML / override loader and
+        :meth:`aahr_fast.models.config.ModelConfig.from_dict`.
+    """
     full = f"{prefix}.{name}" if prefix else name
     hint = _suggest(name, valid)
     if hint:
@@ -367,7 +377,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         name = str(name)
         if name not in types_:
-            raise _unknown_key(prefix, name, list(types_))
+            raise unknown_key_error(prefix, name, list(types_))
         kwargs[name] = _coerce(value, types_[name], f"{prefix}.{name}" if prefix else name)
     try:
         return cls(**kwargs)
@@ -532,7 +542,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     Checks (each a ConfigError naming the keys involved):
         * ``optim.batch_size >= 2`` (the ranking losses need an in-batch negative);
         * lr, weight decay, factors, epochs, worker and step counts in range;
-        * ``schedule.decay_epochs`` strictly increasing and within ``1..epochs``;
+        * ``schedule.decay_epochs`` strictly increasing and within ``1..epochs`` (a decay after the last
+          epoch would silently never happen);
         * ``run.amp`` in auto/none/bf16/fp16, ``data.protocol`` in 1k/coco5fold/5k;
         * model: attention heads divide the width; neighbour top-k ``floor(rho * B) >= 1``; the
           momentum queue holds at least one batch; at least one prototype.
@@ -553,6 +564,11 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"schedule.decay_factor={s.decay_factor}: expected a value in (0, 1]")
     if list(s.decay_epochs) != sorted(set(s.decay_epochs)) or any(e < 1 for e in s.decay_epochs):
         raise ConfigError(f"schedule.decay_epochs={s.decay_epochs}: expected strictly increasing epochs >= 1")
+    late = [e for e in s.decay_epochs if e > s.epochs]
+    if late:
+        raise ConfigError(f"schedule.decay_epochs={s.decay_epochs}: epoch {late[0]} is beyond schedule.epochs="
+                          f"{s.epochs}; decay epochs must lie within 1..{s.epochs} (the decay would never happen: "
+                          f"lower it, or set schedule.decay_epochs=[] for no decay)")
     if s.max_steps_per_epoch is not None and s.max_steps_per_epoch < 1:
         raise ConfigError(f"schedule.max_steps_per_epoch={s.max_steps_per_epoch}: needs >= 1 or null")
     if r.amp not in _AMP_MODES:

@@ -295,6 +295,24 @@ def test_queue_buffers_in_state_dict_and_moco_waits_for_full_queue():
 
 
 # ----------------------------------------------------------------------------------- warm-ups
+def test_warmup_start_past_the_end_warns_only_for_enabled_parts():
+    """A start at or beyond total_steps is legal (the branch is off for the run) but warns; a disabled part or
+    a start inside the run does not (issue 7)."""
+    import warnings
+
+    from aahr_fast.models.config import ScheduleWarning
+
+    model = build_model(tiny_cfg(proto_start=7, graph_start="2ep", moco_start=0.5, use_moco=True), DIMS)
+    with pytest.warns(ScheduleWarning) as got:
+        assert model.resolve_schedule(steps_per_epoch=4, total_steps=8) == {"proto_start": 7, "graph_start": 8,
+                                                                            "moco_start": 4}
+    assert [str(w.message).split("=")[0] for w in got] == ["model.graph_start"]
+    quiet = build_model(tiny_cfg(proto_start=0, graph_start=100, use_graph=False, moco_start=0), DIMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleWarning)
+        assert quiet.resolve_schedule(steps_per_epoch=4, total_steps=8)["graph_start"] == 100
+
+
 def test_warmup_gating():
     torch.manual_seed(0)
     model = build_model(tiny_cfg(proto_start=2, graph_start="1ep", moco_start=0.5, queue_size=6), DIMS)

@@ -16,13 +16,14 @@ Public API used by the trainer (``aahr_fast/train.py``): :func:`build_model`,
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aahr_fast.models.config import ModelConfig, resolve_start
+from aahr_fast.models.config import START_SWITCHES, ModelConfig, ScheduleWarning, late_start_message, resolve_start
 from aahr_fast.models.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from aahr_fast.models.graph import InstanceGraph
 from aahr_fast.models.losses import matching_loss, queue_infonce
@@ -82,9 +83,16 @@ class ScheduleMixin:
 
         Args: steps_per_epoch, total_steps: optimiser steps per epoch / in the whole run.
         Returns: ``{"proto_start": int, ...}``. Raises ConfigError when a needed count is missing.
+        Warns: :class:`~aahr_fast.models.config.ScheduleWarning` for each enabled part (``use_prototypes``,
+            ``use_graph``, ``use_moco``) whose start is at or beyond ``total_steps`` (it never runs).
         """
         self._starts = {k: resolve_start(getattr(self.cfg, k), steps_per_epoch, total_steps, k)
                         for k in self._SCHEDULE_KEYS}
+        if total_steps:
+            for k, start in self._starts.items():
+                msg = late_start_message(k, getattr(self.cfg, k), start, int(total_steps))
+                if msg and getattr(self.cfg, START_SWITCHES.get(k, ""), True):
+                    warnings.warn(msg, ScheduleWarning, stacklevel=2)
         return dict(self._starts)
 
     def start_of(self, key: str) -> int:

@@ -17,7 +17,8 @@ Warm-up starts (``proto_start``, ``graph_start``, ``moco_start``) accept
 - a ``str`` ``"<x>ep"`` / ``"<x>epoch(s)"``: epochs, e.g. ``"1.5ep"``;
 - a ``float`` in ``[0, 1]`` (or a string holding one, e.g. ``"0.25"``): a fraction of the whole training.
 Epoch and fraction forms need the trainer to call ``model.resolve_schedule(steps_per_epoch,
-total_steps)``; :func:`resolve_start` does the conversion.
+total_steps)``; :func:`resolve_start` does the conversion. A start of an enabled part at or beyond the total
+steps is legal (it switches that branch off for the run) but issues a :class:`ScheduleWarning`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ from typing import Any, Optional, Union
 from aahr_fast.utils.errors import ConfigError
 
 StartSpec = Union[int, float, str]
+
+#: The switch of the part each warm-up start gates (the start matters only while the switch is on).
+START_SWITCHES = {"proto_start": "use_prototypes", "graph_start": "use_graph", "moco_start": "use_moco"}
+
+
+class ScheduleWarning(UserWarning):
+    """A warm-up start resolves to an iteration at or beyond the end of training: that part never runs."""
+
+
+def late_start_message(name: str, spec: StartSpec, start: int, total_steps: int) -> Optional[str]:
+    """The warning text when warm-up ``name`` (``spec`` resolved to iteration ``start``) never begins within
+    ``total_steps`` optimiser steps (iterations ``0 .. total_steps - 1``), else None."""
+    if start < total_steps:
+        return None
+    switch = START_SWITCHES.get(name, "its switch")
+    return (f"model.{name}={spec!r} resolves to iteration {start}, at or beyond the end of training "
+            f"({total_steps} steps): that branch never runs in this run. Fine to switch it off; otherwise "
+            f"lower model.{name} (or set model.{switch}=false to say so explicitly)")
 
 _LOSSES = ("dws", "hardest", "sum")
 _NORMS = ("masked_bn", "layernorm", "none")
@@ -174,11 +193,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Build from a plain dict; unknown keys raise ConfigError (naming them)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        """Build from a plain dict and validate it.
+
+        Raises:
+            ConfigError: an unknown key (the first in sorted order; the closest valid key is suggested, the
+                same message as the YAML loader's: ``aahr_fast.config.unknown_key_error``), or an invalid value.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ConfigError(f"unknown ModelConfig keys {unknown}; known: {sorted(names)}")
+            from aahr_fast.config import unknown_key_error  # lazily: aahr_fast.config imports this module lazily
+
+            err = unknown_key_error("", unknown[0], sorted(names))
+            more = f" (unknown keys: {unknown})" if len(unknown) > 1 else ""
+            raise ConfigError(f"ModelConfig: {err}{more}")
         return cls(**data).validate()
 
     def to_dict(self) -> dict[str, Any]:
