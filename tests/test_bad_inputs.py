@@ -18,9 +18,11 @@ Two parametrised tests walk two tables of cases:
   ``error:`` paragraph on stderr (no blank line in it) naming the problem, no
   ``Traceback (most recent call last)`` anywhere on stderr, and the guarded folders intact.
 
-Cases marked ``xfail(strict=True, reason="gap: ...")`` document inputs the code does not handle yet
-(owners of those files were still writing them); a fixed gap turns into an XPASS failure, so the mark
-must then be dropped.
+A case may carry ``gap="..."`` (``xfail(strict=True, reason="gap: ...")``) to document an input the code
+does not handle yet; a fixed gap turns into an XPASS failure, so the mark must then be dropped. No case
+has one at present (the seven of issue 7 are fixed). The ``keys/warmup-*-warns`` cases turn the
+:class:`~aahr_fast.models.config.ScheduleWarning` of a legal but useless warm-up start into an error to
+check its message.
 
 Shared read-only fixtures (module scope, ~2 s): a toy prepared folder (``toy``: region 64-d), the same
 layout with 40-d regions (``toy40``), two tiny AAHR checkpoints of different seeds (``run``, ``run2``)
