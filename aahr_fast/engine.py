@@ -25,6 +25,12 @@ uninterrupted run (same thread count). This holds because every source of random
 saved in the checkpoint (global RNGs, sampler and model generators, optimizer/scaler/schedule state,
 momentum queues as model buffers) or a pure function of (seed, epoch, index).
 
+Multi-process (``torchrun``, ``Trainer(..., dist=DistContext)``, see :mod:`aahr_fast.distributed`):
+each rank trains under DistributedDataParallel on its ``B/W`` captions of every global batch of the
+same permutation; the losses use the gathered global batch, so the logged losses equal the
+single-process ones up to float reduction order. Rank 0 alone logs, evaluates and checkpoints; the
+other ranks wait at a barrier after each epoch. A distributed run resumes exactly with torchrun.
+
 Iteration numbering: ``step`` counts batches drawn (skipped ones included), 0-based when passed to
 ``model.training_step``; metrics records use the 1-based count of finished iterations.
 """
