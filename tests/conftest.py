@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ops_helpers import require_cpp_extension
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,4 +42,14 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cpp_extension() -> None:
+    """Skip (fail under CI=true) when the C++ extension cannot be built here; one intra-op thread.
+
+    The C++ op test modules use it for every test: ``pytestmark = pytest.mark.usefixtures("cpp_extension")``.
+    """
+    require_cpp_extension()
     torch.set_num_threads(1)

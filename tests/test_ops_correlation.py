@@ -6,36 +6,23 @@ non-contiguous and expanded inputs, all-zero rows, ties, NaN, empty batch and ra
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aahr_fast.ops as ops
-from aahr_fast.ops import _dispatch, _ext
+from aahr_fast.ops import _dispatch
 from aahr_fast.utils.errors import DataError
+
+from _ops_helpers import unit_rows as _unit
 
 CPP = dict(backend="cpp")
 REF = dict(backend="reference")
 TOL = {torch.float32: dict(rtol=1e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-@pytest.fixture(autouse=True)
-def _cpp_extension():
-    """Skip (fail under CI=true) when the C++ extension cannot be built here; one intra-op thread."""
-    err = _ext.extension_error()
-    if err is not None:
-        msg = f"C++ extension unavailable: {err}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    torch.set_num_threads(1)
-
-
-def _unit(b, d, dtype=torch.float64, gen=None):
-    return torch.nn.functional.normalize(torch.randn(b, d, dtype=dtype, generator=gen), dim=1)
+pytestmark = pytest.mark.usefixtures("cpp_extension")
 
 
 def _corr_inputs(b, d, dtype):

@@ -21,14 +21,12 @@ import aahr_fast.ops as ops
 from aahr_fast.ops import _dispatch, _ext
 from aahr_fast.utils.errors import DataError
 
+from _ops_helpers import require_cpp_extension
+
 
 @pytest.fixture(scope="module")
 def cpp():
-    err = _ext.extension_error()
-    if err is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the C++ extension must build under CI: {err}")
-        pytest.skip(f"C++ extension unavailable: {err}")
+    require_cpp_extension(ci_message="the C++ extension must build under CI: {err}")
     return "cpp"
 
 

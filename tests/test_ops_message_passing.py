@@ -8,7 +8,6 @@ empty inputs and random shapes.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aahr_fast.ops as ops
-from aahr_fast.ops import _dispatch, _ext
+from aahr_fast.ops import _dispatch
 from aahr_fast.utils.errors import ConfigError, DataError
 
 CPP = dict(backend="cpp")
@@ -24,16 +23,7 @@ REF = dict(backend="reference")
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-11)}
 
 
-@pytest.fixture(autouse=True)
-def _cpp_extension():
-    """Skip (fail under CI=true) when the C++ extension cannot be built here; one intra-op thread."""
-    err = _ext.extension_error()
-    if err is not None:
-        msg = f"C++ extension unavailable: {err}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("cpp_extension")
 
 
 def _compare(fn, inputs, *, dtype, grad_scale=10.0):

@@ -7,36 +7,23 @@ precision and random shapes.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aahr_fast.ops as ops
-from aahr_fast.ops import _dispatch, _ext
+from aahr_fast.ops import _dispatch
 from aahr_fast.utils.errors import DataError
+
+from _ops_helpers import unit_rows as _unit
 
 CPP = dict(backend="cpp")
 REF = dict(backend="reference")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
-@pytest.fixture(autouse=True)
-def _cpp_extension():
-    """Skip (fail under CI=true) when the C++ extension cannot be built here; one intra-op thread."""
-    err = _ext.extension_error()
-    if err is not None:
-        msg = f"C++ extension unavailable: {err}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    torch.set_num_threads(1)
-
-
-def _unit(b, d, dtype=torch.float64, gen=None):
-    return torch.nn.functional.normalize(torch.randn(b, d, dtype=dtype, generator=gen), dim=1)
+pytestmark = pytest.mark.usefixtures("cpp_extension")
 
 
 def _check_loss(x_v, x_t, protos, *, queue_v=None, queue_t=None, eps=0.1, n_iters=3, tau=0.1, grads=True):
