@@ -32,12 +32,8 @@ from .correlation import (
 
 __all__ = ["intra_relevance_cpp", "topk_connection_cpp", "instance_correlation_cpp"]
 
-_CPP_DTYPES = (torch.float32, torch.float64)
-
-
-def _lib():
-    _ext.load_extension()
-    return torch.ops.aahr_fast
+_CPP_DTYPES = _ext.CPP_DTYPES
+_lib = _ext.ops_namespace
 
 
 class _IntraRelevanceFn(torch.autograd.Function):

@@ -28,12 +28,8 @@ from .message_passing import gcn_layer_reference, masked_attention_reference
 
 __all__ = ["gcn_layer_cpp", "masked_attention_cpp"]
 
-_CPP_DTYPES = (torch.float32, torch.float64)
-
-
-def _lib():
-    _ext.load_extension()
-    return torch.ops.aahr_fast
+_CPP_DTYPES = _ext.CPP_DTYPES
+_lib = _ext.ops_namespace
 
 
 class _GCNLayerFn(torch.autograd.Function):

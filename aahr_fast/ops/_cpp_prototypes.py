@@ -27,12 +27,8 @@ from .prototypes import swapped_prediction_loss_reference
 
 __all__ = ["sinkhorn_cpp", "swapped_prediction_loss_cpp"]
 
-_CPP_DTYPES = (torch.float32, torch.float64)
-
-
-def _lib():
-    _ext.load_extension()
-    return torch.ops.aahr_fast
+_CPP_DTYPES = _ext.CPP_DTYPES
+_lib = _ext.ops_namespace
 
 
 class _SwappedPredictionFn(torch.autograd.Function):

@@ -348,6 +348,22 @@ def load_extension() -> Optional[Path]:
     return default_loader().load()
 
 
+#: dtypes the C++ CPU kernels (``csrc/cpu/*.cpp``) are compiled for; the cpp glue runs others in the reference.
+CPP_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+
+def ops_namespace():
+    """Build/load the default extension once (:func:`load_extension`) and return ``torch.ops.aahr_fast``.
+
+    The one accessor the backend glue modules (``_cpp_*.py``, ``*_cuda.py``) use before calling a kernel.
+
+    Raises:
+        ExtensionBuildError: the extension cannot be built or loaded (as :func:`load_extension`).
+    """
+    load_extension()
+    return torch.ops.aahr_fast
+
+
 def extension_error(cuda: bool = False) -> Optional[str]:
     """None when the extension (with its CUDA part if ``cuda``) is usable, else the reason (a string).
 

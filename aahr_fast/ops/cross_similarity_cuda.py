@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels._host import inverse_norms, unnormalize_grad
+from . import _ext
 from ._dispatch import get_impl, register
 
 __all__ = ["fragment_word_relevance_cuda", "hard_assignment_similarity_cuda"]
@@ -23,11 +24,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODE_RELEVANCE, MODE_HARD_MEAN, MODE_HARD_LSE = 0, 1, 2
 
 
-def _ops():
-    from . import _ext
-
-    _ext.load_extension()
-    return torch.ops.aahr_fast
+_ops = _ext.ops_namespace
 
 
 class _XsimCudaFn(torch.autograd.Function):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _ext
 from ._dispatch import get_impl, register
 
 __all__ = ["sinkhorn_cuda", "swapped_prediction_loss_cuda"]
@@ -17,11 +18,7 @@ __all__ = ["sinkhorn_cuda", "swapped_prediction_loss_cuda"]
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _ops():
-    from . import _ext
-
-    _ext.load_extension()
-    return torch.ops.aahr_fast
+_ops = _ext.ops_namespace
 
 
 def sinkhorn_cuda(scores, *, eps=0.1, n_iters=3):
