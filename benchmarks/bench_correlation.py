@@ -9,7 +9,9 @@ inter-modal relevance, sigma = 1, rho = 0.5, lam = 1 (AAHR Flickr30K settings).
 Rows of each group (same inputs, same thread count):
 * ``reference``: the eager reference (``backend="reference"``: cdist without mm, stable sorts, cats, where);
 * ``compiled``: ``torch.compile`` of ``instance_correlation_reference`` (inductor C++; compiled before timing);
-* ``cpp``: the fused C++ op (``backend="cpp"``).
+* ``cpp``: the fused C++ op (``backend="cpp"``);
+* ``triton`` / ``cuda``: the GPU backends on CUDA tensors (skipped without a CUDA device; their
+  ``frac_mm_ceiling`` is against the GPU's fp32 ``torch.mm``).
 
 Groups ``corr-fwdbwd-T*`` time forward + backward (gradients of ``relevance`` and ``attn_bias`` back to
 ``v`` and ``t``, as in training), ``corr-fwd-T*`` the forward alone.
@@ -41,18 +43,17 @@ def make_case(seed: int = 0):
 _COMPILED = {}
 
 
+ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
+
+
 def _impl(name, tools):
-    if name == "reference":
-        return lambda *a: ops.instance_correlation(*a, **OPTS, backend="reference")
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
+    device = tools.require_backend("instance_correlation", name)
     if name == "compiled":
         if "fn" not in _COMPILED:
             _COMPILED["fn"] = torch.compile(instance_correlation_reference, dynamic=False)
-        return lambda *a: _COMPILED["fn"](*a, **OPTS)
-    if name == "cpp":
-        if "cpp" not in tools.backend_rows("instance_correlation"):
-            pytest.skip("the C++ extension is not available here")
-        return lambda *a: ops.instance_correlation(*a, **OPTS, backend="cpp")
-    raise ValueError(name)
+        return (lambda *a: _COMPILED["fn"](*a, **OPTS)), device
+    return (lambda *a: ops.instance_correlation(*a, **OPTS, backend=name)), device
 
 
 def _fwdbwd(fn, case, g_rel, g_bias):
@@ -67,54 +68,55 @@ def _flops(backward: bool) -> float:
     return 2.0 * per_modality
 
 
-def _finish(benchmark, t, group, impl, threads, peak, backward):
-    extra = dict(threads=threads, peak_extra_mib=peak / 2**20)
-    med = t.median_seconds(benchmark)
-    if med is not None:
-        ceiling = t.mm_ceiling_gflops(B, B, D)
-        gf = t.gflops(_flops(backward), med)
-        extra.update(gflops=gf, frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
-    t.record(benchmark, group, impl, **extra)
+def _finish(benchmark, t, group, impl, threads, peak, backward, device):
+    t.finish_row(benchmark, group, impl, flops=_flops(backward), mm_shape=(B, B, D), peak_bytes=peak,
+                 device=device, threads=threads)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 def test_forward_backward(benchmark, bench_tools, threads, impl):
     t = bench_tools
     group = f"corr-fwdbwd-T{threads}"
     benchmark.group = group
+    fn, device = _impl(impl, t)
     case = make_case()
-    fn = _impl(impl, t)
     g = torch.Generator().manual_seed(1)
     g_rel, g_bias = torch.randn(2 * B, 2 * B, generator=g), torch.randn(2 * B, 2 * B, generator=g)
-    want = _fwdbwd(_impl("reference", t), case, g_rel, g_bias)
+    want = _fwdbwd(_impl("reference", t)[0], case, g_rel, g_bias)
+    case, g_rel, g_bias = t.to_device((case, g_rel, g_bias), device)
     got = _fwdbwd(fn, case, g_rel, g_bias)  # also the warm-up / compile
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
 
     def run():
-        return _fwdbwd(fn, case, g_rel, g_bias)
+        out = _fwdbwd(fn, case, g_rel, g_bias)
+        t.synchronize(device)
+        return out
 
     run()
-    peak, _ = t.peak_extra_bytes(run)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _finish(benchmark, t, group, impl, threads, peak, backward=True)
+    _finish(benchmark, t, group, impl, threads, peak, backward=True, device=device)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 def test_forward(benchmark, bench_tools, threads, impl):
     t = bench_tools
     group = f"corr-fwd-T{threads}"
     benchmark.group = group
-    case = make_case()
-    fn = _impl(impl, t)
+    fn, device = _impl(impl, t)
+    want = _impl("reference", t)[0](*make_case())
+    case = t.to_device(make_case(), device)
 
     def run():
         with torch.no_grad():
-            return fn(*case)
+            out = fn(*case)
+        t.synchronize(device)
+        return out
 
-    got, want = run(), _impl("reference", t)(*case)
-    assert torch.equal(got.connection, want.connection)
-    torch.testing.assert_close(got.relevance, want.relevance, rtol=1e-5, atol=1e-6)
-    peak, _ = t.peak_extra_bytes(run)
+    got = run()
+    assert torch.equal(got.connection.cpu(), want.connection)
+    torch.testing.assert_close(got.relevance.cpu(), want.relevance, rtol=1e-5, atol=1e-6)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    _finish(benchmark, t, group, impl, threads, peak, backward=False)
+    _finish(benchmark, t, group, impl, threads, peak, backward=False, device=device)

@@ -16,24 +16,29 @@ Rows of each group (one table per group, same inputs, same thread count):
   then elementwise passes) = ``fragment_word_relevance(..., backend="reference")``.
 * ``compiled``: ``torch.compile`` of that reference (inductor C++; compiled before timing).
 * ``cpp``: the tiled fused C++ op (``backend="cpp"``).
+* ``triton`` / ``cuda``: the GPU backends on CUDA tensors (rows only where CUDA is available, skipped
+  otherwise; timed with a synchronise, ``frac_mm_ceiling`` against the GPU's fp32 ``torch.mm``).
 
 ``extra_info``: ``peak_extra_mib`` (see benchmarks/conftest.py), ``gflops`` = useful FLOPs
-``2 * sum(word_lens) * sum(region_lens) * D`` / median, ``frac_mm_ceiling`` = that over the GFLOP/s of one
-fp32 torch.mm with the same M, N, K and thread count, ``threads``. Groups ``xsim-fwd-*`` time the forward
-under no_grad (AAHR computes the relevance from detached fragments), ``xsim-fwdbwd-*`` forward + backward.
+``2 * sum(word_lens) * sum(region_lens) * D`` (forward; forward + backward counts 3x that: the backward's
+two GEMMs for the region and word gradients) / median, ``frac_mm_ceiling`` = that over the GFLOP/s of one
+fp32 torch.mm with M = sum(word_lens), N = sum(region_lens), K = D at the same thread count, ``threads``.
+Groups ``xsim-fwd-*`` time the forward under no_grad (AAHR computes the relevance from detached
+fragments), ``xsim-fwdbwd-*`` forward + backward.
+Groups ``chan-{mean,lse}-{fwd,fwdbwd}-*``: the CHAN hard-assignment op (``hard_assignment_similarity``,
+temperature 0.1 for ``lse``) on the N = 36 case, rows ``reference`` / ``compiled`` / ``cpp`` (+ GPU rows),
+same FLOP counts and ceiling as the relevance groups.
 Targets (issue 4, forward): cpp >= 4x faster than ``authors``, >= 1.2x faster than ``reference``,
 <= 10% of its peak extra memory, >= 70% of the mm ceiling, at least as fast as ``compiled``.
 """
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aahr_fast import ops
-from aahr_fast.ops.cross_similarity import fragment_word_relevance_reference
+from aahr_fast.ops.cross_similarity import fragment_word_relevance_reference, hard_assignment_similarity_reference
 
 B, L, D = 128, 32, 1024
 ROUNDS = 3
@@ -68,97 +73,159 @@ def authors_formulation(regions, region_lens, words, word_lens, negative_slope=0
     return torch.stack(t2i_rows, 0), torch.stack(i2t_cols, 1)
 
 
+def _public(backend):
+    def fn(regions, region_lens, words, word_lens):
+        return ops.fragment_word_relevance(regions, region_lens, words, word_lens, backend=backend)
+    return fn
+
+
 def _reference(regions, region_lens, words, word_lens):
     return ops.fragment_word_relevance(regions, region_lens, words, word_lens, backend="reference")
-
-
-def _cpp(regions, region_lens, words, word_lens):
-    return ops.fragment_word_relevance(regions, region_lens, words, word_lens, backend="cpp")
 
 
 _COMPILED = {}
 
 
-def _compiled():
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(fragment_word_relevance_reference, dynamic=False)
-    return _COMPILED["fn"]
+def _compiled(key="xsim", ref=fragment_word_relevance_reference):
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(ref, dynamic=False)
+    return _COMPILED[key]
+
+
+ROWS = ["authors", "reference", "compiled", "cpp", "triton", "cuda"]
+CHAN_ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
 
 
 def _impl(name, tools):
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
+    device = tools.require_backend("fragment_word_relevance", name)
     if name == "authors":
-        return authors_formulation
-    if name == "reference":
-        return _reference
+        return authors_formulation, device
     if name == "compiled":
-        return _compiled()
-    if name == "cpp":
-        if "cpp" not in tools.backend_rows("fragment_word_relevance"):
-            pytest.skip("the C++ extension is not available here")
-        return _cpp
-    raise ValueError(name)
+        return _compiled(), device
+    return _public(name), device
 
 
 def _useful_flops(region_lens, word_lens):
     return 2.0 * int(word_lens.sum()) * int(region_lens.sum()) * D
 
 
-def _check_against_reference(fn, case):
+def _mm_shape(region_lens, word_lens):
+    return int(word_lens.sum()), int(region_lens.sum()), D
+
+
+def _check_against_reference(fn, case, device):
     small = tuple(x[:16] for x in case)
     with torch.no_grad():
-        got, want = fn(*small), _reference(*small)
+        got, want = fn(*(x.to(device) for x in small)), _reference(*small)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["authors", "reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 @pytest.mark.parametrize("n_regions", [36, 49], ids=lambda n: f"N{n}")
 def test_forward(benchmark, bench_tools, threads, n_regions, impl):
     t = bench_tools
     group = f"xsim-fwd-N{n_regions}-T{threads}"
     benchmark.group = group
+    fn, device = _impl(impl, t)
     case = make_case(n_regions)
-    fn = _impl(impl, t)
-    _check_against_reference(fn, case)
+    _check_against_reference(fn, case, device)
+    case = t.to_device(case, device)
 
     def run():
         with torch.no_grad():
-            return fn(*case)
+            out = fn(*case)
+        t.synchronize(device)
+        return out
 
     run()  # warm-up (and compile for the compiled row)
-    peak, _ = t.peak_extra_bytes(run)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    regions, region_lens, words, word_lens = case
-    flops = _useful_flops(region_lens, word_lens)
-    extra = dict(threads=threads, peak_extra_mib=peak / 2**20)
-    med = t.median_seconds(benchmark)
-    if med is not None:
-        ceiling = t.mm_ceiling_gflops(int(word_lens.sum()), int(region_lens.sum()), D,
-                                      timer=getattr(benchmark, "_timer", time.perf_counter))
-        extra.update(gflops=t.gflops(flops, med), frac_mm_ceiling=t.gflops(flops, med) / ceiling,
-                     mm_ceiling_gflops=ceiling)
-    t.record(benchmark, group, impl, **extra)
+    _, region_lens, _, word_lens = case
+    t.finish_row(benchmark, group, impl, flops=_useful_flops(region_lens, word_lens),
+                 mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device, threads=threads)
 
 
-@pytest.mark.parametrize("impl", ["authors", "reference", "cpp"])
+def _fwdbwd_flops(region_lens, word_lens):
+    """Forward similarity GEMM + its two backward GEMMs (d regions, d words), each ``2 sum(Lj) sum(Ni) D``."""
+    return 3.0 * _useful_flops(region_lens, word_lens)
+
+
+@pytest.mark.parametrize("impl", ROWS)
 def test_forward_backward(benchmark, bench_tools, threads, impl):
     t = bench_tools
     n_regions = 36
     group = f"xsim-fwdbwd-N{n_regions}-T{threads}"
     benchmark.group = group
-    regions, region_lens, words, word_lens = make_case(n_regions)
-    fn = _impl(impl, t)
+    fn, device = _impl(impl, t)
+    regions, region_lens, words, word_lens = t.to_device(make_case(n_regions), device)
     g = torch.Generator().manual_seed(1)
-    w_t2i, w_i2t = torch.randn(B, B, generator=g), torch.randn(B, B, generator=g)
+    w_t2i, w_i2t = (torch.randn(B, B, generator=g).to(device) for _ in range(2))
 
     def run():
         r = regions.detach().requires_grad_()
         w = words.detach().requires_grad_()
         t2i, i2t = fn(r, region_lens, w, word_lens)
         ((t2i * w_t2i).sum() + (i2t * w_i2t).sum()).backward()
+        t.synchronize(device)
         return r.grad, w.grad
 
-    run()
-    peak, _ = t.peak_extra_bytes(run)
+    run()  # warm-up (and compile for the compiled row)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    t.record(benchmark, group, impl, threads=threads, peak_extra_mib=peak / 2**20)
+    t.finish_row(benchmark, group, impl, flops=_fwdbwd_flops(region_lens, word_lens),
+                 mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device, threads=threads)
+
+
+# ---- CHAN hard-assignment coding (``hard_assignment_similarity``, modes mean / lse) -------------------
+CHAN_OPTS = dict(temperature=0.1)
+
+
+def _chan_impl(name, agg, tools):
+    device = tools.require_backend("hard_assignment_similarity", name)
+    if name == "compiled":
+        comp = _compiled(f"chan-{agg}", hard_assignment_similarity_reference)
+        return (lambda r, rl, w, wl: comp(r, rl, w, wl, agg=agg, **CHAN_OPTS)), device
+    return (lambda r, rl, w, wl: ops.hard_assignment_similarity(r, rl, w, wl, agg=agg, **CHAN_OPTS,
+                                                                 backend=name)), device
+
+
+@pytest.mark.parametrize("impl", CHAN_ROWS)
+@pytest.mark.parametrize("agg", ["mean", "lse"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_chan(benchmark, bench_tools, threads, mode, agg, impl):
+    t = bench_tools
+    n_regions = 36
+    group = f"chan-{agg}-{mode}-N{n_regions}-T{threads}"
+    benchmark.group = group
+    fn, device = _chan_impl(impl, agg, t)
+    ref, _ = _chan_impl("reference", agg, t)
+    case = make_case(n_regions)
+    small = tuple(x[:16] for x in case)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(*t.to_device(small, device)).cpu(), ref(*small), rtol=1e-4, atol=1e-5)
+    regions, region_lens, words, word_lens = t.to_device(case, device)
+    weight = torch.randn(B, B, generator=torch.Generator().manual_seed(1)).to(device)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                out = fn(regions, region_lens, words, word_lens)
+            t.synchronize(device)
+            return out
+    else:
+        def run():
+            r = regions.detach().requires_grad_()
+            w = words.detach().requires_grad_()
+            (fn(r, region_lens, w, word_lens) * weight).sum().backward()
+            t.synchronize(device)
+            return r.grad, w.grad
+
+    if impl not in ("reference", "cpp"):
+        run()  # compile (compiled row) / JIT + first-launch warm-up (GPU rows); the profiled call warms the rest
+    peak, _ = t.peak_extra_bytes(run, device=device)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    flops = (_useful_flops if mode == "fwd" else _fwdbwd_flops)(region_lens, word_lens)
+    t.finish_row(benchmark, group, impl, flops=flops, mm_shape=_mm_shape(region_lens, word_lens),
+                 peak_bytes=peak, device=device, threads=threads, agg=agg)

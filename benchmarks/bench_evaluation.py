@@ -10,11 +10,15 @@ Groups:
 * ``rank-5k``: 5,000 x 25,000 (COCO 5K): ``recall_metrics`` on the matrix (the argsort baseline takes
   tens of seconds at this size and is left out), and the 5-fold COCO 1K protocol on the same matrix.
 
-``extra_info``: ``peak_extra_mib`` is the peak of the torch allocator's running total while one call
-runs (profiler allocation events; the input matrix, allocated before, is not included);
+``extra_info`` (helpers in benchmarks/conftest.py): ``peak_extra_mib`` is the peak of the torch allocator's
+running total while one call runs (profiler allocation events; the input matrix, allocated before, is
+not included);
 ``peak_extra_rss_mib`` the rise of the process high-water mark (VmHWM after ``clear_refs``), which also
 sees NumPy's memory (page-granular, so small numbers are noisy); ``matrix_mib`` is the input's size;
-``threads`` the intra-op thread count.
+``threads`` the intra-op thread count; ``gflops`` the ranking's useful operations (``4 N M`` per ranked
+(N, M) matrix, see :func:`rank_ops`; GOP/s) over the median and ``frac_mm_ceiling`` that over one fp32
+``torch.mm`` of the 1K similarity GEMM shape (:data:`CEILING_MM`), same thread count and session (ranking
+is memory-bound comparison work: a small fraction is expected).
 """
 from __future__ import annotations
 
@@ -60,36 +64,32 @@ def _argsort_baseline(sims: np.ndarray) -> dict:
     return ev.metrics_from_ranks(r_i2t.astype(np.int64), r_t2i.astype(np.int64))
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+#: the similarity GEMM of a 1K test split at the paper's width, (1000, 1024) x (1024, 5000): the ceiling
+#: the ranking rows are measured against (same thread count, same session).
+CEILING_MM = (1000, 5000, 1024)
 
 
-def _rss_peak_extra_mib(fn) -> float | None:
-    """VmHWM after resetting it (``echo 5 > /proc/self/clear_refs``) minus VmRSS before: sees numpy too."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    base = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    return None if base is None or peak is None else round(max(0, peak - base) / 1024, 2)
+def rank_ops(n_images: int, n_captions: int) -> float:
+    """Useful operations of ranking an (N, M) matrix in both directions: per score and direction one
+    comparison against the ground truth's score and one count (add), ``4 N M`` in all (the ground-truth
+    maxima, O(M), are left out). Counted the same for every row of a group (the argsort baseline does
+    far more work to get the same ranks)."""
+    return 4.0 * n_images * n_captions
 
 
-def _info(benchmark, fn, s):
-    benchmark.extra_info["peak_extra_mib"] = round(ev._peak_extra_bytes(fn) / 2**20, 2)
-    benchmark.extra_info["peak_extra_rss_mib"] = _rss_peak_extra_mib(fn)
+def _info(benchmark, tools, fn, s) -> int:
+    """Fill the memory fields; return the torch allocator's peak extra bytes of one call."""
+    peak, _ = tools.peak_extra_bytes(fn)
+    benchmark.extra_info["peak_extra_rss_mib"] = tools.rss_peak_extra_mib(fn)
     benchmark.extra_info["matrix_mib"] = round(s.numel() * s.element_size() / 2**20, 1)
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["shape"] = list(s.shape)
+    return peak
+
+
+def _finish(benchmark, tools, name, peak, ops_count):
+    tools.finish_row(benchmark, benchmark.group, name, flops=ops_count, mm_shape=CEILING_MM, peak_bytes=peak,
+                     threads=torch.get_num_threads())
 
 
 @pytest.fixture(scope="module")
@@ -102,37 +102,42 @@ def case5k():
     return _case(5000)
 
 
-def test_rank_1k_ours(benchmark, case1k):
+def test_rank_1k_ours(benchmark, bench_tools, case1k):
     s, ci = case1k
     benchmark.group = "rank-1k"
     fn = lambda: ev.recall_metrics(s, ci)  # noqa: E731
-    _info(benchmark, fn, s)
+    peak = _info(benchmark, bench_tools, fn, s)
     out = benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
+    _finish(benchmark, bench_tools, "ours", peak, rank_ops(*s.shape))
     assert 0 < out["i2t_r1"] < 100
 
 
-def test_rank_1k_argsort_baseline(benchmark, case1k):
+def test_rank_1k_argsort_baseline(benchmark, bench_tools, case1k):
     s, ci = case1k
     benchmark.group = "rank-1k"
     a = s.numpy()
     fn = lambda: _argsort_baseline(a)  # noqa: E731
-    _info(benchmark, fn, s)
+    peak = _info(benchmark, bench_tools, fn, s)
     out = benchmark.pedantic(fn, rounds=2, iterations=1)
+    _finish(benchmark, bench_tools, "argsort_baseline", peak, rank_ops(*s.shape))
     ours = ev.recall_metrics(s, ci)  # continuous scores: no ties, the two must agree
     assert all(out[k] == pytest.approx(ours[k]) for k in ours)
 
 
-def test_rank_5k_ours(benchmark, case5k):
+def test_rank_5k_ours(benchmark, bench_tools, case5k):
     s, ci = case5k
     benchmark.group = "rank-5k"
     fn = lambda: ev.recall_metrics(s, ci)  # noqa: E731
-    _info(benchmark, fn, s)
+    peak = _info(benchmark, bench_tools, fn, s)
     benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    _finish(benchmark, bench_tools, "ours", peak, rank_ops(*s.shape))
 
 
-def test_rank_5k_coco_5fold(benchmark, case5k):
+def test_rank_5k_coco_5fold(benchmark, bench_tools, case5k):
     s, ci = case5k
     benchmark.group = "rank-5k"
     fn = lambda: ev.evaluate_coco_5fold(s, ci)  # noqa: E731
-    _info(benchmark, fn, s)
+    peak = _info(benchmark, bench_tools, fn, s)
     benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    n, m = s.shape  # five diagonal 1K blocks: (N/5) x (M/5) each
+    _finish(benchmark, bench_tools, "coco_5fold", peak, 5 * rank_ops(n // 5, m // 5))

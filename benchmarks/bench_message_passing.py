@@ -11,7 +11,8 @@ Cases (AAHR's instance graph over a batch of 128 image-caption pairs, training s
   q, k, v and the bias.
 
 Rows of each group: ``reference`` (eager, ``backend="reference"``), ``compiled`` (``torch.compile`` of the
-reference function), ``cpp`` (``backend="cpp"``).
+reference function), ``cpp`` (``backend="cpp"``), ``triton`` / ``cuda`` (CUDA tensors; skipped without a
+CUDA device).
 ``extra_info``: ``peak_extra_mib``; ``gflops`` of the GEMM work (gcn: 3 x 2 (n Din Dout + n^2 Dout);
 attention: 12 H n^2 dh), ``frac_mm_ceiling`` against one fp32 ``torch.mm`` at the same thread count of shape
 (n, Din) x (Din, Dout) for gcn and (H n, dh) x (dh, n) for attention.
@@ -40,18 +41,17 @@ def _compiled(ref):
     return _COMPILED[ref]
 
 
+ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
+
+
 def _impl(op, name, tools):
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
     public = {"gcn_layer": ops.gcn_layer, "masked_attention": ops.masked_attention}[op]
     ref = {"gcn_layer": gcn_layer_reference, "masked_attention": masked_attention_reference}[op]
-    if name == "reference":
-        return lambda *a: public(*a, backend="reference")
+    device = tools.require_backend(op, name)
     if name == "compiled":
-        return _compiled(ref)
-    if name == "cpp":
-        if "cpp" not in tools.backend_rows(op):
-            pytest.skip("the C++ extension is not available here")
-        return lambda *a: public(*a, backend="cpp")
-    raise ValueError(name)
+        return _compiled(ref), device
+    return (lambda *a: public(*a, backend=name)), device
 
 
 def gcn_case(seed=0):
@@ -84,33 +84,32 @@ def _fwdbwd(fn, case, grad_out):
     return torch.autograd.grad(out, leaves, grad_out)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 @pytest.mark.parametrize("op", ["gcn_layer", "masked_attention"])
 def test_forward_backward(benchmark, bench_tools, threads, op, impl):
     t = bench_tools
     group = f"{'gcn' if op == 'gcn_layer' else 'attn'}-fwdbwd-T{threads}"
     benchmark.group = group
     make, flops, mm_shape = CASES[op]
+    fn, device = _impl(op, impl, t)
     case = make()
-    fn = _impl(op, impl, t)
+    ref = _impl(op, "reference", t)[0]
     with torch.no_grad():
-        out_shape = _impl(op, "reference", t)(*case).shape
+        out_shape = ref(*case).shape
     grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1))
-    want = _fwdbwd(_impl(op, "reference", t), case, grad_out)
+    want = _fwdbwd(ref, case, grad_out)
+    case, grad_out = t.to_device((case, grad_out), device)
     got = _fwdbwd(fn, case, grad_out)  # also the warm-up / compile
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
 
     def run():
-        return _fwdbwd(fn, case, grad_out)
+        out = _fwdbwd(fn, case, grad_out)
+        t.synchronize(device)
+        return out
 
     run()
-    peak, _ = t.peak_extra_bytes(run)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    extra = dict(threads=threads, peak_extra_mib=peak / 2**20)
-    med = t.median_seconds(benchmark)
-    if med is not None:
-        ceiling = t.mm_ceiling_gflops(*mm_shape)
-        gf = t.gflops(flops, med)
-        extra.update(gflops=gf, frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
-    t.record(benchmark, group, impl, **extra)
+    t.finish_row(benchmark, group, impl, flops=flops, mm_shape=mm_shape, peak_bytes=peak, device=device,
+                 threads=threads)

@@ -10,10 +10,13 @@ modality (the MoCo memory bank size; their scores join the Sinkhorn columns).
 Groups: ``proto-loss-Q*-T*`` forward + backward of the loss (gradients to x_v, x_t and the prototypes);
 ``sinkhorn-Q*-T*`` the codes of one (B + Q, K) score matrix.
 Rows: ``reference`` (eager, ``backend="reference"``), ``compiled`` (``torch.compile`` of the reference
-function), ``cpp`` (``backend="cpp"``).
+function), ``cpp`` (``backend="cpp"``),
+``triton`` / ``cuda`` (CUDA tensors; skipped without a CUDA device).
 ``extra_info``: ``peak_extra_mib``; for the loss ``gflops`` of the GEMM work
 (``2 (2B + 2Q) K D`` forward + ``2 x 2 (2B) K D`` backward) and ``frac_mm_ceiling`` against one fp32
-``torch.mm`` of shape (2B + 2Q, D) x (D, K) at the same thread count.
+``torch.mm`` of shape (2B + 2Q, D) x (D, K) at the same thread count; for Sinkhorn ``gflops`` of the
+log-domain iterations (``(8 + 12 n_iters) (B + Q) K``, see :func:`sinkhorn_flops`) against the GEMM that
+makes its scores, (B + Q, D) x (D, K) (Sinkhorn is elementwise / exp-bound: a small fraction is expected).
 Target (issue 4): loss forward + backward >= 2x faster than ``reference``, at least as fast as ``compiled``.
 """
 from __future__ import annotations
@@ -42,34 +45,44 @@ def loss_case(q: int, seed: int = 0):
     return xv, xt, c, qv, qt
 
 
+ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
+
+
 def _loss_impl(name, tools):
-    if name == "reference":
-        return lambda xv, xt, c, qv, qt: ops.swapped_prediction_loss(xv, xt, c, queue_v=qv, queue_t=qt, **OPTS,
-                                                                     backend="reference")
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
+    device = tools.require_backend("swapped_prediction_loss", name)
     if name == "compiled":
         if "loss" not in _COMPILED:
             _COMPILED["loss"] = torch.compile(swapped_prediction_loss_reference, dynamic=False)
-        return lambda xv, xt, c, qv, qt: _COMPILED["loss"](xv, xt, c, queue_v=qv, queue_t=qt, **OPTS)
-    if name == "cpp":
-        if "cpp" not in tools.backend_rows("swapped_prediction_loss"):
-            pytest.skip("the C++ extension is not available here")
-        return lambda xv, xt, c, qv, qt: ops.swapped_prediction_loss(xv, xt, c, queue_v=qv, queue_t=qt, **OPTS,
-                                                                     backend="cpp")
-    raise ValueError(name)
+        return (lambda xv, xt, c, qv, qt: _COMPILED["loss"](xv, xt, c, queue_v=qv, queue_t=qt, **OPTS)), device
+    return (lambda xv, xt, c, qv, qt: ops.swapped_prediction_loss(xv, xt, c, queue_v=qv, queue_t=qt, **OPTS,
+                                                                  backend=name)), device
 
 
 def _sinkhorn_impl(name, tools):
-    if name == "reference":
-        return lambda s: ops.sinkhorn(s, OPTS["eps"], OPTS["n_iters"], backend="reference")
+    device = tools.require_backend("sinkhorn", name)
     if name == "compiled":
         if "sk" not in _COMPILED:
             _COMPILED["sk"] = torch.compile(sinkhorn_reference, dynamic=False)
-        return lambda s: _COMPILED["sk"](s, OPTS["eps"], OPTS["n_iters"])
-    if name == "cpp":
-        if "cpp" not in tools.backend_rows("sinkhorn"):
-            pytest.skip("the C++ extension is not available here")
-        return lambda s: ops.sinkhorn(s, OPTS["eps"], OPTS["n_iters"], backend="cpp")
-    raise ValueError(name)
+        return (lambda s: _COMPILED["sk"](s, OPTS["eps"], OPTS["n_iters"])), device
+    return (lambda s: ops.sinkhorn(s, OPTS["eps"], OPTS["n_iters"], backend=name)), device
+
+
+def sinkhorn_flops(rows: int, k: int, n_iters: int) -> float:
+    """FLOPs of the log-domain Sinkhorn on a (rows, K) score matrix, counted per element of Q (K x rows),
+    one FLOP per add / subtract / multiply / divide / compare / exp (as the reference computes it):
+
+    * ``S / eps``: 1; the global log-sum-exp and its subtraction: max 1 + subtract 1 + exp 1 + sum 1
+      + subtract 1 = 5;
+    * each iteration: two log-sum-exps (rows, then columns), each max 1 + subtract 1 + exp 1 + sum 1 = 4,
+      followed by subtracting it and ``log K`` (resp. ``log B``) = 2, so 12 per iteration;
+    * the result ``exp(log_q + log B)``: 2.
+
+    Total ``(8 + 12 n_iters) * rows * K`` (the O(rows + K) logs of the sums are left out). A fused
+    backend may do less arithmetic (one max per pass); this counts the useful work of the algorithm, the
+    same for every row.
+    """
+    return (8.0 + 12.0 * n_iters) * rows * k
 
 
 def _fwdbwd(fn, case):
@@ -79,36 +92,34 @@ def _fwdbwd(fn, case):
     return (loss.detach(),) + torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 @pytest.mark.parametrize("q", [0, 2048], ids=lambda q: f"Q{q}")
 def test_loss_forward_backward(benchmark, bench_tools, threads, q, impl):
     t = bench_tools
     group = f"proto-loss-Q{q}-T{threads}"
     benchmark.group = group
+    fn, device = _loss_impl(impl, t)
     case = loss_case(q)
-    fn = _loss_impl(impl, t)
-    want = _fwdbwd(_loss_impl("reference", t), case)
+    want = _fwdbwd(_loss_impl("reference", t)[0], case)
+    case = t.to_device(case, device)
     got = _fwdbwd(fn, case)  # also the warm-up / compile
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
 
     def run():
-        return _fwdbwd(fn, case)
+        out = _fwdbwd(fn, case)
+        t.synchronize(device)
+        return out
 
     run()
-    peak, _ = t.peak_extra_bytes(run)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    extra = dict(threads=threads, peak_extra_mib=peak / 2**20)
-    med = t.median_seconds(benchmark)
-    if med is not None:
-        flops = 2.0 * (2 * B + 2 * q) * K * D + 2 * 2.0 * (2 * B) * K * D
-        ceiling = t.mm_ceiling_gflops(2 * B + 2 * q, K, D)
-        gf = t.gflops(flops, med)
-        extra.update(gflops=gf, frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
-    t.record(benchmark, group, impl, **extra)
+    flops = 2.0 * (2 * B + 2 * q) * K * D + 2 * 2.0 * (2 * B) * K * D
+    t.finish_row(benchmark, group, impl, flops=flops, mm_shape=(2 * B + 2 * q, K, D), peak_bytes=peak,
+                 device=device, threads=threads)
 
 
-@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("impl", ROWS)
 @pytest.mark.parametrize("q", [0, 2048], ids=lambda q: f"Q{q}")
 def test_sinkhorn(benchmark, bench_tools, threads, q, impl):
     t = bench_tools
@@ -116,13 +127,20 @@ def test_sinkhorn(benchmark, bench_tools, threads, q, impl):
     benchmark.group = group
     xv, _, c, qv, _ = loss_case(q)
     scores = (xv @ c.t()) if qv is None else torch.cat([xv, qv]) @ c.t()
-    fn = _sinkhorn_impl(impl, t)
-    torch.testing.assert_close(fn(scores), _sinkhorn_impl("reference", t)(scores), rtol=1e-4, atol=1e-6)
+    fn, device = _sinkhorn_impl(impl, t)
+    want = _sinkhorn_impl("reference", t)[0](scores)
+    scores = scores.to(device)
+    torch.testing.assert_close(fn(scores).cpu(), want, rtol=1e-4, atol=1e-6)
 
     def run():
-        return fn(scores)
+        out = fn(scores)
+        t.synchronize(device)
+        return out
 
     run()
-    peak, _ = t.peak_extra_bytes(run)
+    peak, _ = t.peak_extra_bytes(run, device=device)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    t.record(benchmark, group, impl, threads=threads, peak_extra_mib=peak / 2**20)
+    rows = scores.shape[0]
+    # ceiling: the GEMM that produced these scores, (B + Q, D) x (D, K), same thread count / device
+    t.finish_row(benchmark, group, impl, flops=sinkhorn_flops(rows, K, OPTS["n_iters"]), mm_shape=(rows, K, D),
+                 peak_bytes=peak, device=device, threads=threads)

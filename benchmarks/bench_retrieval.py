@@ -14,7 +14,15 @@ Groups:
 * ``search-25k``: 25,000 items (COCO 5K captions): ``brute`` and ``flat``.
 
 ``extra_info``: ``recall@10`` of the row's top 10 against the exact top 10 (1.0 for exact rows),
-``build_s`` the index construction time, ``n``/``d``/``queries``.
+``build_s`` the index construction time, ``n``/``d``/``queries``, and the contract fields
+(benchmarks/conftest.py):
+* ``peak_extra_mib``: torch allocator peak of one search (profiler events). FAISS allocates outside the
+  torch allocator, so its rows read 0 there; ``peak_extra_rss_mib`` (rise of the process high-water mark,
+  page-granular) sees every row's memory.
+* ``gflops``: the exact inner-product search's work, ``2 queries n d`` FLOPs, over the row's median (for
+  ``hnsw`` / ``ivf``, which compute fewer inner products, this is the *effective* rate: exact-search work
+  per second); ``frac_mm_ceiling``: that over one fp32 ``torch.mm`` of shape (queries, d) x (d, n) at the
+  same (one) thread count, measured in the same session.
 """
 from __future__ import annotations
 
@@ -63,18 +71,27 @@ def _brute(g: torch.Tensor, q: torch.Tensor):
     return torch.topk(q @ g.T, K, dim=1)
 
 
+def _finish(benchmark, tools, name, n, fn):
+    """The contract fields of a search row (see the module docstring)."""
+    peak, _ = tools.peak_extra_bytes(fn)
+    rss = tools.rss_peak_extra_mib(fn)
+    tools.finish_row(benchmark, benchmark.group, name, flops=2.0 * QUERIES * n * D, mm_shape=(QUERIES, n, D),
+                     peak_bytes=peak, threads=1, peak_extra_rss_mib=rss)
+
+
 @pytest.mark.parametrize("n", [5000, 25000])
-def test_brute(benchmark, n):
+def test_brute(benchmark, bench_tools, n):
     g, q, exact = _data(n)
     benchmark.group = f"search-{n // 1000}k"
     gt, qt = torch.from_numpy(g), torch.from_numpy(q)
     _, ids = benchmark(_brute, gt, qt)
     benchmark.extra_info.update({"n": n, "d": D, "queries": QUERIES, "build_s": 0.0,
                                  "recall@10": overlap_recall(ids.numpy(), exact, (K,))["recall@10"]})
+    _finish(benchmark, bench_tools, "brute", n, lambda: _brute(gt, qt))
 
 
 @pytest.mark.parametrize("n, kind", [(5000, "flat"), (5000, "hnsw"), (5000, "ivf"), (25000, "flat")])
-def test_faiss(benchmark, n, kind):
+def test_faiss(benchmark, bench_tools, n, kind):
     g, q, exact = _data(n)
     benchmark.group = f"search-{n // 1000}k"
     t0 = time.perf_counter()
@@ -83,3 +100,4 @@ def test_faiss(benchmark, n, kind):
     _, ids = benchmark(faiss_search, index, q, K)
     benchmark.extra_info.update({"n": n, "d": D, "queries": QUERIES, "build_s": round(build, 3), **params,
                                  "recall@10": overlap_recall(ids, exact, (K,))["recall@10"]})
+    _finish(benchmark, bench_tools, f"faiss-{kind}", n, lambda: faiss_search(index, q, K))

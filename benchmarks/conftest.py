@@ -9,7 +9,11 @@
   (BLAS packing buffers) is invisible to every row alike.
 * :func:`gflops`, :func:`mm_ceiling_gflops`: GFLOP/s of useful work, and the practical compute ceiling:
   the GFLOP/s of one fp32 ``torch.mm`` with the same FLOPs (same M, N, K), same thread count.
-* :func:`backend_rows`: the backends of an op runnable on CPU here (one benchmark row each).
+* :func:`backend_rows` (alias ``benchmark_rows``): the backends of an op runnable here, one benchmark row
+  each: ``reference`` / ``cpp`` on CPU tensors, ``triton`` / ``cuda`` on CUDA tensors where CUDA is
+  available; :func:`require_backend` skips a row cleanly otherwise and names its device.
+* :func:`finish_row`: records a row with the three contract fields (peak extra MiB, GFLOP/s, fraction of
+  the mm ceiling measured in the same session on the row's device).
 * :func:`record` + the terminal summary: every row's median, and per group the ratio of each peer's
   median to the ``cpp`` row's (speed-up), memory ratios and the fraction of the mm ceiling.
 
@@ -52,22 +56,28 @@ def threads(request) -> int:
     torch.set_num_threads(old)
 
 
-def peak_extra_bytes(fn: Callable, *args, **kwargs) -> tuple[int, object]:
+def peak_extra_bytes(fn: Callable, *args, device: str = "cpu", **kwargs) -> tuple[int, object]:
     """(peak extra bytes, result) of one call ``fn(*args, **kwargs)``.
 
-    The running sum of the profiler's raw allocator events (``nbytes`` > 0 alloc, < 0 free) in time
-    order; its maximum is the peak extra memory. Exact for the torch CPU allocator.
+    The running sum of the profiler's raw allocator events (``nbytes`` > 0 alloc, < 0 free) of
+    ``device``'s type (``"cpu"`` or ``"cuda"``: the CUDA caching allocator reports its blocks to the same
+    profiler) in time order; its maximum is the peak extra memory. Exact for the torch allocators.
+    A CUDA call is synchronised before the profiler stops.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    dev_type = torch.device(device).type
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn(*args, **kwargs)
+        synchronize(dev_type)
     events = []
 
     def walk(node):
         size = getattr(node.extra_fields, "alloc_size", None)
         if size is not None:
-            events.append((node.start_time_ns, size))
+            ev_dev = getattr(node.extra_fields, "device", None)
+            if ev_dev is None or ev_dev.type == dev_type:
+                events.append((node.start_time_ns, size))
         for child in node.children:
             walk(child)
 
@@ -81,6 +91,44 @@ def peak_extra_bytes(fn: Callable, *args, **kwargs) -> tuple[int, object]:
     return peak, out
 
 
+def synchronize(device: str = "cpu") -> None:
+    """Wait for queued CUDA work when ``device`` is a CUDA device (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+#: backend -> device type of the tensors its benchmark row runs on.
+BACKEND_DEVICE = {"reference": "cpu", "compiled": "cpu", "cpp": "cpu", "authors": "cpu", "triton": "cuda",
+                  "cuda": "cuda"}
+#: the GPU backends: rows only where CUDA is available (CUDA tensors), skipped otherwise.
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def backend_device(name: str) -> str:
+    """Device type (``"cpu"`` / ``"cuda"``) of benchmark row ``name`` (a backend or ``compiled``/``authors``)."""
+    return BACKEND_DEVICE.get(name, "cpu")
+
+
+def to_device(case, device: str):
+    """``case`` (a tensor, None, or a tuple/list of them, nested) moved to ``device``."""
+    if isinstance(case, torch.Tensor):
+        return case.to(device)
+    if isinstance(case, (tuple, list)):
+        return type(case)(to_device(x, device) for x in case)
+    return case
+
+
+def require_backend(op: str, name: str) -> str:
+    """Skip the current benchmark (``pytest.skip``) unless backend ``name`` of ``op`` runs here; return the
+    device type its tensors live on. ``reference``-derived rows (``compiled``, ``authors``) always run."""
+    if name in ("reference", "compiled", "authors"):
+        return "cpu"
+    if name not in backend_rows(op):
+        why = "no CUDA device" if name in GPU_BACKENDS and not torch.cuda.is_available() else "not available"
+        pytest.skip(f"backend {name!r} of {op}: {why} here")
+    return backend_device(name)
+
+
 def gflops(flops: float, seconds: float) -> float:
     """GFLOP/s."""
     return flops / seconds / 1e9
@@ -89,41 +137,99 @@ def gflops(flops: float, seconds: float) -> float:
 _CEILING: dict[tuple, float] = {}
 
 
-def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5, timer: Callable[[], float] = time.perf_counter) -> float:
+def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5, timer: Callable[[], float] = time.perf_counter,
+                      device: str = "cpu") -> float:
     """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats).
 
     ``timer``: the benchmark's timer (``getattr(benchmark, "_timer", time.perf_counter)``), so that the
     ceiling and the row are measured alike (wall clock, or CPU time with ``--benchmark-timer``).
+    ``device="cuda"``: the GPU's fp32 ceiling (TF32 off for the measurement, synchronised timing; a GPU
+    row's ``frac_mm_ceiling`` is against this, never against the CPU's).
     """
-    key = (m, n, k, torch.get_num_threads(), getattr(timer, "__name__", repr(timer)))
+    dev_type = torch.device(device).type
+    key = (m, n, k, torch.get_num_threads(), getattr(timer, "__name__", repr(timer)), dev_type)
     if key not in _CEILING:
         g = torch.Generator().manual_seed(0)
-        a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
-        out = torch.empty(m, n)
-        torch.mm(a, b.t(), out=out)
-        ts = []
-        for _ in range(repeats):
-            t0 = timer()
+        a, b = torch.randn(m, k, generator=g).to(device), torch.randn(n, k, generator=g).to(device)
+        out = torch.empty(m, n, device=device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
             torch.mm(a, b.t(), out=out)
-            ts.append(timer() - t0)
+            synchronize(dev_type)
+            ts = []
+            for _ in range(repeats):
+                t0 = timer()
+                torch.mm(a, b.t(), out=out)
+                synchronize(dev_type)
+                ts.append(timer() - t0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         _CEILING[key] = 2.0 * m * n * k / sorted(ts)[len(ts) // 2] / 1e9
     return _CEILING[key]
 
 
 def backend_rows(op: str) -> list[str]:
-    """Backends of ``op`` that run on CPU tensors here (``reference`` first); triton's CPU interpreter is
-    a test tool, not a benchmark row."""
+    """Backends of ``op`` that can be benchmark rows here (``reference`` first): ``reference`` and ``cpp``
+    on CPU tensors, plus ``triton`` and ``cuda`` on CUDA tensors when a CUDA device is present (a GPU
+    machine gets GPU rows from the same files). Triton's CPU interpreter is a test tool, not a row."""
     from aahr_fast.ops import _dispatch
 
     rows = []
-    x = torch.zeros(1)
-    for b in ("reference", "cpp"):
+    probes = [("reference", "cpu"), ("cpp", "cpu")]
+    if torch.cuda.is_available():
+        probes += [(b, "cuda") for b in GPU_BACKENDS]
+    for b, dev in probes:
         try:
-            _dispatch.resolve_backend(b, x, op=op)
+            _dispatch.resolve_backend(b, torch.zeros(1, device=dev), op=op)
         except Exception:
             continue
         rows.append(b)
     return rows
+
+
+benchmark_rows = backend_rows
+
+
+def rss_peak_extra_mib(fn: Callable) -> Optional[float]:
+    """Rise of the process high-water mark while ``fn()`` runs (VmHWM after ``echo 5 > clear_refs``, minus
+    VmRSS before), MiB: sees memory outside the torch allocator (NumPy, FAISS); page-granular, so small
+    numbers are noisy. None where /proc does not allow it."""
+    def status_kib(field):
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    base = status_kib("VmRSS")
+    fn()
+    peak = status_kib("VmHWM")
+    return None if base is None or peak is None else round(max(0, peak - base) / 1024, 2)
+
+
+def finish_row(benchmark, group: str, name: str, *, flops: float, mm_shape: tuple[int, int, int],
+               peak_bytes: int, device: str = "cpu", **extra) -> None:
+    """Record a row with the contract fields: ``peak_extra_mib``, ``gflops`` (``flops`` / median) and
+    ``frac_mm_ceiling`` against one fp32 ``torch.mm`` of ``mm_shape`` = (M, N, K) on ``device`` at the same
+    thread count with the benchmark's timer; ``extra`` goes into ``extra_info`` too."""
+    extra = dict(extra, peak_extra_mib=peak_bytes / 2**20)
+    if torch.device(device).type == "cuda":
+        extra["device"] = torch.cuda.get_device_name(0)
+    med = median_seconds(benchmark)
+    if med is not None:
+        ceiling = mm_ceiling_gflops(*mm_shape, timer=getattr(benchmark, "_timer", time.perf_counter), device=device)
+        gf = gflops(flops, med)
+        extra.update(gflops=gf, frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
+    record(benchmark, group, name, **extra)
 
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -171,15 +277,24 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def bench_tools() -> types.SimpleNamespace:
-    """The helpers above as one namespace: peak_extra_bytes, gflops, mm_ceiling_gflops, backend_rows,
-    median_seconds, record."""
+    """The helpers above as one namespace: peak_extra_bytes, gflops, mm_ceiling_gflops, backend_rows
+    (alias benchmark_rows), require_backend, backend_device, to_device, synchronize, rss_peak_extra_mib,
+    median_seconds, record, finish_row, GPU_BACKENDS."""
     return types.SimpleNamespace(
         peak_extra_bytes=peak_extra_bytes,
         gflops=gflops,
         mm_ceiling_gflops=mm_ceiling_gflops,
         backend_rows=backend_rows,
+        benchmark_rows=backend_rows,
+        require_backend=require_backend,
+        backend_device=backend_device,
+        to_device=to_device,
+        synchronize=synchronize,
+        rss_peak_extra_mib=rss_peak_extra_mib,
         median_seconds=median_seconds,
         record=record,
+        finish_row=finish_row,
+        GPU_BACKENDS=GPU_BACKENDS,
     )
 
 
