@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -110,7 +111,8 @@ class ImageBackbone(nn.Module):
         weights_path: local ``.pth`` state dict; default: the packaged ImageNet weights. Never downloads.
         image_size: input side (224 for Lite0).
     Raises:
-        ConfigError: weights file missing or the architecture package not installed.
+        ConfigError: weights file missing, not loadable as an efficientnet-lite0 state dict (not a torch
+            file, other keys / shapes), or the architecture package not installed.
     """
 
     name = "efficientnet-lite0"
@@ -126,9 +128,17 @@ class ImageBackbone(nn.Module):
         weights_path = str(weights_path or default_image_weights())
         if not Path(weights_path).is_file():
             raise ConfigError(f"EfficientNet-Lite0 weights file {weights_path} does not exist")
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-            # weights_path must be a str: with None the package downloads.
-            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+                # weights_path must be a str: with None the package downloads.
+                self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, AttributeError,
+                TypeError, AssertionError) as e:  # not a torch file, or a state dict of another architecture
+            first = str(e).splitlines()[0] if str(e) else ""
+            first = first if len(first) <= 300 else first[:300] + " ..."  # missing-key lists are long
+            raise ConfigError(f"EfficientNet-Lite0 weights file {weights_path} cannot be loaded "
+                              f"(expected a torch .pth state dict of efficientnet-lite0): "
+                              f"{type(e).__name__}: {first}") from e
         self.weights_path = weights_path
         self.image_size = int(image_size)
         self.grid = self.image_size // 32

@@ -65,7 +65,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
         CheckpointError: unusable checkpoint, differing feature dims or config (named), or ``data`` made
             by other backbones than the run's training folder (both ``meta.json`` readable; see
             :func:`aahr_fast.retrieval.check_trained_backbones`).
-        DataError: from the feature folder.
+        DataError: from the feature folder. ConfigError: ``batch_size`` not an integer >= 1.
     """
     import torch
 
@@ -74,7 +74,10 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     from aahr_fast.engine import amp_dtype, evaluate_model, feature_dims, open_feature_split, select_device
     from aahr_fast.retrieval import check_trained_backbones
     from aahr_fast.train import resolve_data
+    from aahr_fast.utils.validate import check_positive_int
 
+    if batch_size is not None:  # 0 must not silently mean "the run's default"
+        batch_size = check_positive_int("--batch-size", batch_size)
     ref = resolve_checkpoint(checkpoint, prefer=which)
     meta = read_weights_meta(ref.weights)
     cfg = config_from_dict(meta["config"])

@@ -263,6 +263,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
         raise ConfigError(f"index kind must be one of {KINDS}, got {kind!r}")
     if recall_queries is not None:
         recall_queries = _pos_int("recall_queries", recall_queries)
+    if batch_size is not None:  # 0 must not silently mean "the run's default"
+        batch_size = _pos_int("batch_size", batch_size)
     faiss = _faiss()
     t0 = time.perf_counter()
     if loaded is None:

@@ -57,7 +57,7 @@ from aahr_fast.config import (
     resolve_config_path,
     validate_config,
 )
-from aahr_fast.utils.errors import AAHRError, CheckpointError, ConfigError
+from aahr_fast.utils.errors import AAHRError, CheckpointError, ConfigError, DataError
 
 __all__ = ["main", "build_parser", "resolve_data", "cache_root", "RESUME_MUTABLE_KEYS"]
 
@@ -89,7 +89,8 @@ def resolve_data(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     * anything else ``open_dataset`` reads: prepared into ``<cache>/prepared/<name>-<hash>``.
 
     Raises:
-        DataError / ConfigError: from the readers and ``prepare``.
+        DataError: a ``data.path`` that does not exist (before any "preparing" message), or from the
+            readers and ``prepare``. ConfigError: from ``prepare``.
     """
     d = cfg.data
     splits = tuple(dict.fromkeys((d.train_split, d.dev_split, d.test_split)))
@@ -114,6 +115,9 @@ def resolve_data(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     path = Path(d.path).expanduser()
     if _is_feature_folder(path, d.train_split):
         return path
+    if not path.exists() and not str(d.path).startswith("synthetic:"):
+        raise DataError(f"data.path / --data {str(d.path)!r}: {path} does not exist (expected 'synthetic', "
+                        "a prepared feature folder, or a raw dataset folder / .json to prepare)")
     from aahr_fast.prepare import prepare
 
     key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]

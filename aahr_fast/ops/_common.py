@@ -41,7 +41,7 @@ def check_lengths(op: str, name: str, lens, batch: int, max_len: int, device: to
 
     Raises:
         DataError: not a 1-D integer tensor of size ``batch``, or a value outside ``[1, max_len]``
-        (the first offending index is named).
+        (the first offending index is named). On the ``meta`` device only shape and dtype are checked.
     """
     if not isinstance(lens, torch.Tensor):
         lens = torch.as_tensor(lens)
@@ -50,6 +50,8 @@ def check_lengths(op: str, name: str, lens, batch: int, max_len: int, device: to
     if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
         raise DataError(f"{op}: {name} must be an integer tensor, got {lens.dtype}")
     lens = lens.to(device=device, dtype=torch.int64)
+    if lens.device.type == "meta":  # shape-only tensors: values cannot be read, so only shapes are checked
+        return lens
     bad = (lens < 1) | (lens > max_len)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
