@@ -10,7 +10,7 @@ STAMP := $(VENV)/.aahr_fast-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast bench evaluate clean
+.PHONY: setup train test test-fast bench clean
 
 setup: $(STAMP)
 

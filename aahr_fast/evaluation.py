@@ -533,6 +533,13 @@ def evaluate_protocol(
     fns: dict[str, Callable] = {"1k": evaluate_1k, "coco5fold": evaluate_coco_5fold, "5k": evaluate_coco_5k}
     if protocol not in fns:
         raise ConfigError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    n_images = int(sims.shape[0]) if hasattr(sims, "shape") and len(sims.shape) == 2 else None
+    if protocol in ("coco5fold", "5k") and n_images is not None and n_images != 5000:
+        # the COCO protocols are defined on the 5,000-image testall split; on another N the numbers are
+        # not comparable with published COCO 1K / 5K results (and 5 folds of N/5 images score higher)
+        warnings.warn(f"protocol {protocol!r} is the COCO 5K-test protocol, but the similarity matrix has "
+                      f"{n_images} image rows (expected 5,000): results are not comparable with COCO numbers",
+                      stacklevel=2)
     return fns[protocol](sims, caption_image, ks=ks, chunk_size=chunk_size)
 
 

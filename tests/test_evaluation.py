@@ -533,3 +533,20 @@ def test_eccv_coco_recalls_agree_with_our_protocols():
             assert r[f"coco_5k_r{k}"][d] == pytest.approx(ours5k[f"{d}_r{k}"], abs=1e-9)
             assert r[f"coco_1k_r{k}"][d] == pytest.approx(ours1k[f"{d}_r{k}"], abs=1e-9)
     assert 5 < ours5k["i2t_r1"] < 95 and 5 < ours5k["t2i_r1"] < 95  # a non-trivial case
+
+
+def test_coco_protocols_warn_when_the_gallery_is_not_5k():
+    """coco5fold / 5k on a gallery other than 5,000 images still run but warn (numbers not comparable)."""
+    import warnings as _w
+
+    from aahr_fast.evaluation import evaluate_protocol
+
+    sims = torch.eye(10).repeat_interleave(5, dim=1)  # 10 images x 50 captions, GT scores highest
+    caption_image = torch.arange(10).repeat_interleave(5)
+    with pytest.warns(UserWarning, match="expected 5,000"):
+        evaluate_protocol(sims, caption_image, "coco5fold")
+    with pytest.warns(UserWarning, match="expected 5,000"):
+        evaluate_protocol(sims, caption_image, "5k")
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert evaluate_protocol(sims, caption_image, "1k")["i2t_r1"] == 100.0
