@@ -244,8 +244,14 @@ def all_gather_grad(x: torch.Tensor, ctx: Optional[DistContext]) -> torch.Tensor
     Args:
         x: (n, ...) this rank's rows (same shape on every rank). ctx: None -> ``x`` unchanged.
     Returns:
-        (W n, ...) rows of rank 0, 1, ..., W-1. The gradient reaching ``x`` is the sum over ranks of
-        the gradients of the gathered tensor's slice of this rank (see the module docstring).
+        (W n, ...) rows of rank 0, 1, ..., W-1, dtype and device of ``x`` (``x`` itself when ``ctx`` is
+        None or W = 1). The gradient reaching ``x`` is the sum over ranks of the gradients of the
+        gathered tensor's slice of this rank (see the module docstring; reduce-scatter as in
+        open_clip's gather with gradient).
+    Raises:
+        RuntimeError (torch.distributed, e.g. ``DistBackendError``): a rank did not join within
+            ``$AAHR_DIST_TIMEOUT_S`` seconds, or the backend refuses the tensor. Shapes that differ
+            between ranks are not checked here (the backend's error, or a wrong result).
     """
     if ctx is None or ctx.world_size == 1:
         return x
@@ -255,7 +261,20 @@ def all_gather_grad(x: torch.Tensor, ctx: Optional[DistContext]) -> torch.Tensor
 @torch.no_grad()
 def all_gather_nograd(x: torch.Tensor, ctx: Optional[DistContext], pad_dim: Optional[int] = None) -> torch.Tensor:
     """Gather along dim 0 without gradient; with ``pad_dim`` the tensors may differ in that dimension
-    and are zero-padded to the largest one first (e.g. fragments (n, N_r, D) with per-rank ``N_r``)."""
+    and are zero-padded to the largest one first (e.g. fragments (n, N_r, D) with per-rank ``N_r``).
+
+    Args:
+        x: (n, ...) this rank's rows, any dtype (bool is sent as uint8 and converted back); every other
+            dimension (and ``n``) must agree across ranks. ctx: None -> ``x`` unchanged.
+        pad_dim: a dimension (>= 1) allowed to differ between ranks, or None.
+    Returns:
+        (W n, ...) detached tensor of rank 0, 1, ..., W-1, dtype and device of ``x``; along ``pad_dim``
+        its size is the maximum over ranks (zeros appended). ``x`` itself when ``ctx`` is None or W = 1.
+    Raises:
+        RuntimeError (torch.distributed, e.g. ``DistBackendError``): timeout after
+            ``$AAHR_DIST_TIMEOUT_S`` or a backend error; shapes differing outside ``pad_dim`` are not
+            checked here.
+    """
     if ctx is None or ctx.world_size == 1:
         return x
     x = x.detach().contiguous()
@@ -312,7 +331,13 @@ def distributed_sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, ctx: Op
         eps: > 0. n_iters: >= 1. ctx: None = one process (then ``B = n``).
         global_batch: B; default ``n * world_size``.
     Returns:
-        (n, K) codes of the local rows, dtype of ``scores``, each row summing to 1.
+        (n, K) codes of the local rows, dtype of ``scores`` (computed in float32), each row summing to 1
+        (the full Q has prototype marginals B/K over the global batch).
+    Raises:
+        ValueError: ``scores`` not 2-D, or an empty global batch (B = 0). ``eps`` and ``n_iters`` are not
+            validated: ``eps <= 0`` gives inf/NaN codes; ``n_iters = 0`` returns the globally normalised
+            ``B exp(S / eps) / sum`` without the row/column rounds.
+        RuntimeError (torch.distributed): a collective timed out or failed (multi-process only).
     """
     out_dtype = scores.dtype
     s = scores.detach().float()
@@ -343,7 +368,11 @@ def sharded_swapped_prediction_loss(x_v: torch.Tensor, x_t: torch.Tensor, protot
         x_v, x_t: (n, D) local image / caption embeddings. prototypes: (K, D) (used as given).
         eps, n_iters, tau: Sinkhorn entropy / iterations, softmax temperature. ctx: None = one process.
     Returns:
-        0-dim float tensor (nats).
+        0-dim float tensor (nats), dtype of ``x_v @ prototypes.T``.
+    Raises:
+        RuntimeError: ``x_v`` / ``x_t`` / ``prototypes`` widths ``D`` differ (matmul); torch.distributed
+            timeouts or failures (multi-process only).
+        ValueError: as :func:`distributed_sinkhorn`.
     """
     w = 1 if ctx is None else ctx.world_size
     b = x_v.shape[0] * w

@@ -301,7 +301,18 @@ class _NullMetricsLog(MetricsLog):
 
 
 def open_feature_split(folder: str | os.PathLike, split: str) -> Any:
-    """Open one split of a prepared feature folder (:class:`aahr_fast.data.features.FeatureSplit`)."""
+    """Open one split of a prepared feature folder (:class:`aahr_fast.data.features.FeatureSplit`).
+
+    Args:
+        folder: the prepared (or plain SCAN precomp) feature folder. split: split name, e.g. ``"train"``,
+            ``"dev"``, ``"test"`` (``dev`` gets the SCAN truncation to its first 5,000 captions).
+    Returns:
+        the memory-mapped :class:`FeatureSplit` (nothing is read until an item is asked for).
+    Raises:
+        DataError: as :class:`FeatureSplit`: the folder or ``{split}_ims.npy`` missing; extra files
+            without ``meta.json``; ``meta.json`` unreadable or without this split; counts, shapes or
+            dtypes of the files disagreeing with each other or with ``meta.json`` (names the file).
+    """
     from aahr_fast.data.features import FeatureSplit
 
     return FeatureSplit(folder, split)
@@ -309,7 +320,17 @@ def open_feature_split(folder: str | os.PathLike, split: str) -> Any:
 
 def feature_dims(fs: Any) -> dict:
     """The dims dict ``build_model`` takes: region_dim, img_global_dim, token_dim, txt_global_dim
-    (None where the folder lacks the file)."""
+    (None where the folder lacks the file).
+
+    Args:
+        fs: an opened :class:`FeatureSplit` (or any object with these four attributes).
+    Returns:
+        ``{"region_dim": Dr, "img_global_dim": Dg | None, "token_dim": Dt | None,
+        "txt_global_dim": Dgt | None}``, Python ints (feature widths, not counts).
+    Raises:
+        AttributeError: ``fs`` lacks one of the attributes (nothing else is checked here; the model
+            checks the dims against its config, :func:`aahr_fast.models.build_model`).
+    """
     return {"region_dim": fs.region_dim, "img_global_dim": fs.img_global_dim,
             "token_dim": fs.token_dim, "txt_global_dim": fs.txt_global_dim}
 
@@ -335,9 +356,20 @@ def encode_split(model: torch.nn.Module, fs: Any, model_cfg: Any, *, device: tor
     Args:
         model: has ``encode_images(batch) -> (B, D)`` and ``encode_texts(batch) -> (B, D)``.
         fs: the :class:`FeatureSplit`. model_cfg: selects token features vs input ids and globals.
+        device: where the model runs; batches are moved there. batch_size: items per DataLoader batch.
         max_images: keep only the first N images and their captions (None = all).
+        autocast: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for full precision;
+            the embeddings are cast back to float32.
     Returns:
-        img_emb (N, D) float32 CPU, txt_emb (M, D) float32 CPU, caption_image int64 (M,) into the N images.
+        img_emb (N, D) float32 CPU, txt_emb (M, D) float32 CPU, caption_image int64 numpy (M,) into the
+        N images (captions of images past ``max_images`` removed, order kept). The model's train/eval
+        mode is restored afterwards.
+    Raises:
+        DataError: a field the model config needs is not stored in the folder (token features /
+            input ids, ``img_global`` / ``txt_global``), a feature row holds NaN/Inf (names file and row),
+            or the model's ``encode_*`` rejects the batch (e.g. feature sizes that differ from its dims).
+        ValueError: ``batch_size`` not a positive int (raised by ``DataLoader``).
+        RuntimeError: ``max_images <= 0`` (no image to encode; ``torch.cat`` of an empty list).
     """
     from aahr_fast.data.features import ImageDataset, TextDataset, collate_images, collate_texts
 
@@ -374,9 +406,20 @@ def evaluate_model(model: torch.nn.Module, fs: Any, model_cfg: Any, *, device: t
     """R@K metrics of ``model`` on a split: dot-product similarities of the final embeddings, scored
     by ``aahr_fast.evaluation.evaluate_protocol`` (``protocol`` 1k / coco5fold / 5k).
 
+    Args:
+        model, fs, model_cfg, device, batch_size, max_images, autocast: as :func:`encode_split`.
+        protocol: ``"1k"`` (whole matrix), ``"coco5fold"`` (mean over 5 folds) or ``"5k"``
+            (data-and-eval.md section 4). return_sims: also return the similarity matrix.
     Returns:
-        the metrics dict (percent recalls, medr, meanr, rsum), and the (N, M) float32 similarity
-        matrix as a second value when ``return_sims``.
+        the metrics dict of Python floats (``i2t_r{K}`` / ``t2i_r{K}`` percent for K = 1, 5, 10, medr,
+        meanr, rsum), and the (N, M) float32 CPU similarity matrix (rows images, columns captions) as a
+        second value when ``return_sims``.
+    Warns:
+        UserWarning: a COCO protocol on a split with N != 5,000 images (from ``evaluate_protocol``).
+    Raises:
+        DataError: as :func:`encode_split`; a NaN similarity; ``"coco5fold"`` with N not divisible by 5.
+        ConfigError: an unknown ``protocol``.
+        ValueError / RuntimeError: as :func:`encode_split`.
     """
     from aahr_fast.evaluation import evaluate_protocol
 

@@ -235,10 +235,12 @@ def similarity_matrix(
         chunk_size: image rows per matmul block (bounds the temporary memory on GPU).
         device: where to compute and return ``S`` (default: ``img_emb``'s device; CPU for numpy).
     Returns:
-        ``(N, M)`` float32 tensor. No normalisation is applied: normalise the embeddings first for cosine.
+        ``(N, M)`` float32 tensor on ``device``. No normalisation is applied: normalise the embeddings
+        first for cosine (VSE / SCAN similarity).
     Raises:
-        DataError: not 2-D, different ``D``, or a non-finite embedding (names the row).
-        ConfigError: bad ``chunk_size``.
+        DataError: an input that cannot be converted to a numeric tensor; not 2-D; not floating point;
+            different ``D``; or a NaN/inf embedding (names the array and the row).
+        ConfigError: ``chunk_size`` not a positive integer.
     """
     img = _as_tensor(img_emb, "img_emb")
     txt = _as_tensor(txt_emb, "txt_emb")
@@ -319,9 +321,13 @@ def compute_ranks(sims, caption_image, chunk_size: int | None = None) -> tuple[t
         caption_image: ``(M,)`` integer image row of each caption.
         chunk_size: image rows per block (default: as many as fit in 64 MiB of temporaries).
     Returns:
-        ``(i2t (N,), t2i (M,))`` int64 0-based ranks on ``sims``' device.
+        ``(i2t (N,), t2i (M,))`` int64 0-based ranks on ``sims``' device (data-and-eval.md section 4).
     Raises:
-        DataError: inconsistent shapes, out-of-range index, image without caption, NaN score.
+        DataError: ``sims`` not a 2-D non-empty real (non-bool, non-complex) matrix; ``caption_image``
+            not 1-D integer, of length != M (the message names a transposed matrix when that fits), with
+            an index outside ``[0, N)``, or leaving an image row without any caption; a NaN score
+            (names its ``[row, column]``).
+        ConfigError: ``chunk_size`` not a positive integer or None.
     """
     s, ci, rows = _prepare(sims, caption_image, chunk_size)
     return _ranks_from_matrix(s, ci, rows, True, True)
@@ -373,9 +379,10 @@ def rank_from_embeddings(
         img_emb: ``(N, D)`` image embeddings; txt_emb: ``(M, D)``; caption_image: ``(M,)`` int.
         chunk_size: rows (images) / columns (captions) per block (default: 64 MiB of temporaries).
     Returns:
-        ``(i2t (N,), t2i (M,))`` int64 ranks.
+        ``(i2t (N,), t2i (M,))`` int64 0-based ranks on ``img_emb``'s device.
     Raises:
-        DataError: as :func:`similarity_matrix` and :func:`compute_ranks`.
+        DataError: as :func:`similarity_matrix` (embeddings) and :func:`compute_ranks` (``caption_image``).
+        ConfigError: ``chunk_size`` not a positive integer or None.
     """
     img = _as_tensor(img_emb, "img_emb")
     txt = _as_tensor(txt_emb, "txt_emb")
@@ -468,14 +475,47 @@ def recall_metrics(
 
 
 def evaluate_1k(sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None) -> dict[str, float]:
-    """Flickr30K/Flickr8K 1K test protocol: metrics of the whole matrix (N is 1,000 there; not enforced)."""
+    """Flickr30K/Flickr8K 1K test protocol: metrics of the whole matrix (N is 1,000 there; not enforced).
+
+    Protocol of SCAN / VSE-infinity / HREM / CHAN (data-and-eval.md section 4); identical to
+    :func:`recall_metrics`.
+
+    Args:
+        sims: ``(N, M)`` similarities, rows images, columns captions (torch CPU/GPU or numpy, any real
+            dtype, compared in its own dtype). Flickr: ``(1000, 5000)``.
+        caption_image: ``(M,)`` integer image row of each caption (>= 1 caption per image, any order).
+        ks: the K of R@K. chunk_size: image rows per ranking block (default: auto, 64 MiB).
+    Returns:
+        flat dict of Python floats: ``i2t_r{K}`` / ``t2i_r{K}`` (percent), ``i2t_medr``, ``i2t_meanr``,
+        ``t2i_medr``, ``t2i_meanr`` (1-based ranks), ``rsum`` (percent, max ``200 * len(ks)``).
+    Raises:
+        DataError: as :func:`compute_ranks` (bad ``sims`` / ``caption_image`` shapes, dtypes or indices,
+            an image without caption, a NaN score).
+        ConfigError: ``ks`` not a non-empty sequence of positive ints; bad ``chunk_size``.
+    """
     return recall_metrics(sims, caption_image, ks, chunk_size)
 
 
 def evaluate_coco_5k(
     sims, caption_image, ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None
 ) -> dict[str, float]:
-    """COCO 5K protocol: metrics of the whole ``testall`` matrix (5,000 x 25,000; N not enforced)."""
+    """COCO 5K protocol: metrics of the whole ``testall`` matrix (5,000 x 25,000; N not enforced).
+
+    Protocol of SCAN / VSE-infinity / HREM / CHAN (data-and-eval.md section 4); identical to
+    :func:`recall_metrics` (only :func:`evaluate_protocol` warns when N != 5,000).
+
+    Args:
+        sims: ``(N, M)`` similarities, rows images, columns captions (COCO ``testall``: ``(5000, 25000)``;
+            torch CPU/GPU or numpy, any real dtype).
+        caption_image: ``(M,)`` integer image row of each caption.
+        ks: the K of R@K. chunk_size: image rows per ranking block (default: auto, 64 MiB).
+    Returns:
+        flat dict of Python floats with the keys of :func:`evaluate_1k` (recalls and rsum in percent).
+    Raises:
+        DataError: as :func:`compute_ranks` (bad ``sims`` / ``caption_image`` shapes, dtypes or indices,
+            an image without caption, a NaN score).
+        ConfigError: ``ks`` not a non-empty sequence of positive ints; bad ``chunk_size``.
+    """
     return recall_metrics(sims, caption_image, ks, chunk_size)
 
 
@@ -498,9 +538,11 @@ def evaluate_coco_5fold(
         n_folds: number of folds; N must be divisible by it.
         return_folds: also return the list of per-fold metric dicts.
     Returns:
-        the mean metric dict, or ``(mean, [fold dicts])`` when ``return_folds``.
+        the mean metric dict (Python floats, keys of :func:`recall_metrics`; recalls and rsum in percent,
+        each the arithmetic mean over the folds), or ``(mean, [fold dicts])`` when ``return_folds``.
     Raises:
         DataError: as :func:`recall_metrics`, or N not divisible by ``n_folds``.
+        ConfigError: bad ``ks`` / ``chunk_size``; ``n_folds`` not a positive int.
     """
     ks = _check_ks(ks)
     s = _check_sims(sims)
@@ -529,7 +571,19 @@ def evaluate_protocol(
     sims, caption_image, protocol: str = "1k", ks: Sequence[int] = DEFAULT_KS, chunk_size: int | None = None
 ) -> dict[str, float]:
     """Dispatch on the protocol name: ``"1k"`` (Flickr, whole matrix), ``"coco5fold"`` (COCO 1K, 5-fold
-    mean), ``"5k"`` (COCO 5K, whole matrix). Raises ConfigError for any other name."""
+    mean), ``"5k"`` (COCO 5K, whole matrix); data-and-eval.md section 4.
+
+    Args:
+        sims: ``(N, M)`` similarities, rows images, columns captions. caption_image: ``(M,)`` int.
+        protocol: one of :data:`PROTOCOLS`. ks, chunk_size: as :func:`recall_metrics`.
+    Returns:
+        flat metric dict of Python floats (keys of :func:`recall_metrics`; percent recalls and rsum).
+    Warns:
+        UserWarning: ``"coco5fold"`` / ``"5k"`` on a matrix with N != 5,000 image rows.
+    Raises:
+        ConfigError: any other protocol name; bad ``ks`` / ``chunk_size``.
+        DataError: as :func:`evaluate_1k` / :func:`evaluate_coco_5fold` / :func:`evaluate_coco_5k`.
+    """
     fns: dict[str, Callable] = {"1k": evaluate_1k, "coco5fold": evaluate_coco_5fold, "5k": evaluate_coco_5k}
     if protocol not in fns:
         raise ConfigError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
@@ -593,7 +647,15 @@ def format_table(metrics: Mapping[str, float], title: str | None = None) -> str:
 
 
 def format_eccv_table(results: Mapping[str, Mapping[str, float]]) -> str:
-    """Render :func:`eccv_metrics` output: one line per metric, ``name  i2t  t2i`` in percent."""
+    """Render :func:`eccv_metrics` output: one line per metric, ``name  i2t  t2i`` in percent.
+
+    Args:
+        results: ``{metric: {"i2t": percent, "t2i": percent}}`` as returned by :func:`eccv_metrics`.
+    Returns:
+        the table as one string (header line + one line per metric, sorted by name, two decimals).
+    Raises:
+        KeyError: a metric entry without an ``"i2t"`` or ``"t2i"`` value (not validated further).
+    """
     width = max(len(k) for k in results) if results else 10
     lines = [f"{'metric':<{width}} {'i2t':>7} {'t2i':>7}"]
     for name in sorted(results):
@@ -650,6 +712,9 @@ def coco_test_caption_ids() -> np.ndarray:
     Loaded from ``eccv_caption/data/coco_test_ids.npy`` (shipped with the package, offline).
     Returns:
         ``(25000,)`` int64 array (a fresh copy).
+    Raises:
+        ConfigError: the ``eccv-caption`` package is not installed.
+        DataError: the package's ``original_caption_to_image.json`` lacks one of the caption ids.
     """
     return _coco_test_tables()[0].copy()
 
@@ -660,7 +725,9 @@ def coco_test_caption_image_ids() -> np.ndarray:
     Mapped through the package's ``original_caption_to_image.json`` (data-and-eval.md 1.7: matches
     SCAN's ``testall_ids.txt`` at all 25,000 positions).
     Returns:
-        ``(25000,)`` int64 array.
+        ``(25000,)`` int64 array (a fresh copy).
+    Raises:
+        ConfigError / DataError: as :func:`coco_test_caption_ids`.
     """
     return _coco_test_tables()[1].copy()
 
@@ -671,7 +738,9 @@ def coco_test_image_ids() -> np.ndarray:
     Returns:
         ``(5000,)`` int64 array; row ``i`` of a testall similarity matrix is this image.
     Raises:
-        DataError: if the shipped ids are not in blocks of 5 captions per image.
+        DataError: if the shipped ids are not in blocks of 5 captions per image, or as
+            :func:`coco_test_caption_ids`.
+        ConfigError: as :func:`coco_test_caption_ids`.
     """
     img = _coco_test_tables()[1]
     blocks = img.reshape(-1, 5)

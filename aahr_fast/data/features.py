@@ -495,8 +495,15 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     (B,) int64; ``img_global`` (B, Dg) float32; ``txt_global`` (B, Dgt) float32; ``img_index``,
     ``cap_index`` (B,) int64. Padding is zeros; lengths give the valid prefix.
 
+    Args:
+        items: ``B >= 1`` item dicts of one dataset (numpy arrays as documented on the datasets, plus
+            int ``img_index`` / ``cap_index``).
+    Returns:
+        dict of CPU tensors (float32 features, int64 lengths / ids / indices) as listed above.
     Raises:
-        DataError: empty batch, or items with different keys.
+        DataError: empty batch, or items with different keys (names the item).
+        ValueError: items whose feature widths differ (``Dr`` / ``Dt`` / ``Dg`` / ``Dgt``; numpy's
+            broadcast / stack error, not checked further).
     """
     if not items:
         raise DataError("collate: empty batch")
@@ -521,16 +528,40 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def collate_captions(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Collate :class:`CaptionDataset` items (see :func:`collate_batch` for the keys and shapes)."""
+    """Collate :class:`CaptionDataset` items (see :func:`collate_batch` for the keys and shapes).
+
+    Returns:
+        ``regions`` (B, Nmax, Dr) float32, ``region_lens`` (B,) int64; ``tokens`` (B, Lmax, Dt) float32
+        or ``input_ids`` (B, Lmax) int64 with ``token_lens`` (B,) int64 (per the dataset's ``text``);
+        ``img_global`` (B, Dg) / ``txt_global`` (B, Dgt) float32 (if ``with_global``); ``img_index``,
+        ``cap_index`` (B,) int64. Zero padding.
+    Raises:
+        DataError / ValueError: as :func:`collate_batch`.
+    """
     return collate_batch(items)
 
 
 def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Collate :class:`ImageDataset` items: ``regions``, ``region_lens``, ``img_global``, ``img_index``."""
+    """Collate :class:`ImageDataset` items: ``regions``, ``region_lens``, ``img_global``, ``img_index``.
+
+    Returns:
+        ``regions`` (B, Nmax, Dr) float32 (zero padded), ``region_lens`` (B,) int64, ``img_global``
+        (B, Dg) float32 (if the dataset has ``with_global``), ``img_index`` (B,) int64.
+    Raises:
+        DataError / ValueError: as :func:`collate_batch`.
+    """
     return collate_batch(items)
 
 
 def collate_texts(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Collate :class:`TextDataset` items: ``tokens``/``input_ids``, ``token_lens``, ``txt_global``,
-    ``cap_index``, ``img_index``."""
+    ``cap_index``, ``img_index``.
+
+    Returns:
+        ``tokens`` (B, Lmax, Dt) float32 or ``input_ids`` (B, Lmax) int64 (pad 0) with ``token_lens``
+        (B,) int64 (when the dataset has ``text``); ``txt_global`` (B, Dgt) float32 (if
+        ``with_global``); ``cap_index``, ``img_index`` (B,) int64.
+    Raises:
+        DataError / ValueError: as :func:`collate_batch`.
+    """
     return collate_batch(items)
