@@ -39,6 +39,8 @@ def dws_negative_probs(s: torch.Tensor, ids: torch.Tensor, *, n: int = 512, cuto
         given as one (B,) tensor when B == B' (anchors and candidates are the two sides of the same pairs).
     Returns: (probs (B, B') float32, has_neg (B,) bool). Rows without any negative are uniform
         placeholders and flagged ``False`` in ``has_neg``.
+    Raises: nothing is validated here (callers check shapes with ``_check_pair``); ``ids`` that do not
+        broadcast against ``s`` raise torch's RuntimeError.
     """
     with torch.no_grad():
         sd = s.detach().float()
@@ -92,7 +94,13 @@ def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tens
 def dws_triplet(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, *,
                 margin: float = 0.2, n: int = 512, cutoff: float = 1.7, min_dist: float = 0.5) -> torch.Tensor:
     """Trip(a, b): :func:`dws_triplet_oneway` in both directions (image anchors over texts, then text
-    anchors over images), summed. Same arguments; returns a scalar. Source: ``aahr-method.md`` section 3."""
+    anchors over images), summed. Same arguments; returns a scalar. Source: ``aahr-method.md`` section 3.
+
+    Args: a, b: (B, D) float image / caption embeddings; ids: (B,) int64 image ids; generator: as
+        :func:`dws_triplet_oneway` (drawn from twice, a-anchors first).
+    Returns: 0-dim tensor (sum over both directions), differentiable w.r.t. ``a`` and ``b``.
+    Raises: DataError on shape mismatch (from :func:`dws_triplet_oneway`).
+    """
     kw = dict(margin=margin, n=n, cutoff=cutoff, min_dist=min_dist)
     return dws_triplet_oneway(a, b, ids, generator, **kw) + dws_triplet_oneway(b, a, ids, generator, **kw)
 

@@ -22,7 +22,11 @@ __all__ = ["lengths_to_mask", "maxk_pool", "masked_mean", "GlobalGuidedPooling",
 
 
 def lengths_to_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """(B,) int64 lengths -> (B, n) bool mask, ``True`` for positions ``< length``."""
+    """(B,) int64 lengths -> (B, n) bool mask, ``True`` for positions ``< length``.
+
+    Not validated: lengths above ``n`` give all-True rows, lengths <= 0 all-False rows; a 0-d
+    ``lengths`` raises IndexError from torch indexing.
+    """
     return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
 
 
@@ -33,7 +37,10 @@ def maxk_pool(x: torch.Tensor, mask: torch.Tensor, k: int = 2) -> torch.Tensor:
         x: (B, N, D) float fragments. mask: (B, N) bool, True = valid; every row needs >= 1 valid entry.
         k: number of maxima; an item with fewer than ``k`` valid fragments averages over all of them.
     Returns:
-        (B, D) float.
+        (B, D), dtype of ``x``. A row without any valid fragment returns zeros (not an error).
+    Raises:
+        RuntimeError: ``mask`` not broadcastable to ``x``'s (B, N) (torch's error; shapes are not
+            checked here, the encoders check them with :func:`~aahr_fast.models.encoders.check_fragments`).
     """
     kk = min(k, x.shape[1])
     xm = x.masked_fill(~mask[:, :, None], float("-inf"))
@@ -53,7 +60,11 @@ def maxk_pool(x: torch.Tensor, mask: torch.Tensor, k: int = 2) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over valid fragments. x (B, N, D), mask (B, N) bool -> (B, D)."""
+    """Mean over valid fragments. x (B, N, D) float, mask (B, N) bool -> (B, D), dtype of ``x``.
+
+    A row without any valid fragment returns zeros (denominator clamped to 1). Shapes are not checked:
+    a ``mask`` that does not broadcast raises torch's RuntimeError.
+    """
     m = mask.to(x.dtype)[:, :, None]
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
