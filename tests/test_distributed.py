@@ -119,10 +119,10 @@ def _train_killed(nproc: int, args: list[str], stall_at: int, timeout: int = 240
     try:
         for line in proc.stderr:
             tail = (tail + [line])[-30:]
-            if line.startswith("STALLED"):
-                stalled += 1
-                if stalled == nproc:
-                    break
+            # ranks share one stderr pipe, so two "STALLED <step>" writes can land on one line
+            stalled += line.count("STALLED")
+            if stalled >= nproc:
+                break
         else:
             pytest.fail(f"training exited (status {proc.wait()}) before every rank reached step {stall_at}:\n"
                         + "".join(tail))
