@@ -53,6 +53,20 @@ class Budget:
         return self.left() >= s
 
 
+def _add_tflops(row: dict, flops: float | None) -> None:
+    """Add achieved TFLOP/s to a speed row from its medians: forward ``flops``, forward+backward 3x that."""
+    if not flops:
+        return
+    row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
+    if "fwd_bwd_ms" in row:
+        row["fwd_bwd_tflops"] = 3 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+
+
+def _mark_error(row: dict, exc: BaseException) -> None:
+    """Record a failed measurement in its row (the check goes on with the next row)."""
+    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -374,13 +388,10 @@ def speed(cases, backends, B_list, device, tiny, budget, report, *, dtype, with_
                         run = _fwd_bwd(case, inputs, name)
                         row["fwd_bwd_ms"] = bench(run, device, max_s=2.0)
                         row["fwd_bwd_peak_extra_mb"] = peak_extra_mb(run, device)
-                    if flops:
-                        row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
-                        if "fwd_bwd_ms" in row:
-                            row["fwd_bwd_tflops"] = 3 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                    _add_tflops(row, flops)
                     row["status"] = "ok"
                 except Exception as exc:  # noqa: BLE001
-                    row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    _mark_error(row, exc)
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 report["speed"].append(row)
@@ -430,7 +441,7 @@ def gallery(backends, device, tiny, budget, report, dtype) -> None:
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
             row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001
-            row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            _mark_error(row, exc)
             if device == "cuda":
                 torch.cuda.empty_cache()
         report["gallery"].append(row)
@@ -599,13 +610,10 @@ def speed_compile_only(cases, B_list, device, tiny, budget, report, dtype) -> No
                     run = _fwd_bwd(case, inputs, None, call=call)
                     row["fwd_bwd_ms"] = bench(run, device, max_s=1.5)
                     row["fwd_bwd_peak_extra_mb"] = peak_extra_mb(run, device)
-                if flops:
-                    row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
-                    if "fwd_bwd_ms" in row:
-                        row["fwd_bwd_tflops"] = 3 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+                _add_tflops(row, flops)
                 row["status"] = "ok"
             except Exception as exc:  # noqa: BLE001
-                row.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                _mark_error(row, exc)
             report["speed"].append(row)
 
 
