@@ -28,6 +28,8 @@ fragments), ``xsim-fwdbwd-*`` forward + backward.
 Groups ``chan-{mean,lse}-{fwd,fwdbwd}-*``: the CHAN hard-assignment op (``hard_assignment_similarity``,
 temperature 0.1 for ``lse``) on the N = 36 case, rows ``reference`` / ``compiled`` / ``cpp`` (+ GPU rows),
 same FLOP counts and ceiling as the relevance groups.
+Group ``xsim-fwd-N36-medium-*``: the same forward with ``torch.set_float32_matmul_precision("medium")`` for all
+rows and for the ceiling (see ``test_forward_medium_precision``).
 Targets (issue 4, forward): cpp >= 4x faster than ``authors``, >= 1.2x faster than ``reference``,
 <= 10% of its peak extra memory, >= 70% of the mm ceiling, at least as fast as ``compiled``.
 """
@@ -145,6 +147,45 @@ def test_forward(benchmark, bench_tools, threads, n_regions, impl):
     _, region_lens, _, word_lens = case
     t.finish_row(benchmark, group, impl, flops=_useful_flops(region_lens, word_lens),
                  mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device, threads=threads)
+
+
+@pytest.mark.parametrize("impl", ["authors", "reference", "compiled", "cpp"])
+def test_forward_medium_precision(benchmark, bench_tools, threads, impl):
+    """Group ``xsim-fwd-N36-medium-T*``: the N = 36 forward with ``torch.set_float32_matmul_precision("medium")``
+    for every row alike (the authors' loop, the reference, its compiled form and the C++ op all get their
+    fp32 GEMMs from the same oneDNN path, which then may use bf16-based arithmetic with fp32 accumulation),
+    and the mm ceiling measured under the same setting. Shows what a user who opts into faster fp32
+    matmuls (as with TF32 on a GPU) gets; the default-precision groups above are the headline numbers."""
+    t = bench_tools
+    n_regions = 36
+    group = f"xsim-fwd-N{n_regions}-medium-T{threads}"
+    benchmark.group = group
+    device = t.require_backend("fragment_word_relevance", impl)
+    if impl == "authors":
+        fn = authors_formulation
+    elif impl == "compiled":
+        fn = _compiled("xsim-medium")
+    else:
+        fn = _public(impl)
+    case = make_case(n_regions)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        _check_against_reference(fn, case, device)
+
+        def run():
+            with torch.no_grad():
+                return fn(*case)
+
+        run()  # warm-up (and compile for the compiled row)
+        peak, _ = t.peak_extra_bytes(run, device=device)
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+        _, region_lens, _, word_lens = case
+        t.finish_row(benchmark, group, impl, flops=_useful_flops(region_lens, word_lens),
+                     mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device,
+                     threads=threads, matmul_precision="medium")
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _fwdbwd_flops(region_lens, word_lens):

@@ -139,7 +139,8 @@ _CEILING: dict[tuple, float] = {}
 
 def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5, timer: Callable[[], float] = time.perf_counter,
                       device: str = "cpu") -> float:
-    """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats).
+    """GFLOP/s of ``(m x k) @ (k x n)`` fp32 ``torch.mm`` at the current thread count (median of repeats),
+    under the current ``torch.get_float32_matmul_precision()`` (a separate ceiling per setting).
 
     ``timer``: the benchmark's timer (``getattr(benchmark, "_timer", time.perf_counter)``), so that the
     ceiling and the row are measured alike (wall clock, or CPU time with ``--benchmark-timer``).
@@ -147,7 +148,8 @@ def mm_ceiling_gflops(m: int, n: int, k: int, repeats: int = 5, timer: Callable[
     row's ``frac_mm_ceiling`` is against this, never against the CPU's).
     """
     dev_type = torch.device(device).type
-    key = (m, n, k, torch.get_num_threads(), getattr(timer, "__name__", repr(timer)), dev_type)
+    key = (m, n, k, torch.get_num_threads(), getattr(timer, "__name__", repr(timer)), dev_type,
+           torch.get_float32_matmul_precision())
     if key not in _CEILING:
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(m, k, generator=g).to(device), torch.randn(n, k, generator=g).to(device)
