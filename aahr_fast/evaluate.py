@@ -19,7 +19,8 @@ Outputs: the R@K table (i2t R@1/5/10, t2i R@1/5/10, rsum) on stdout; ``--json`` 
 ``--save-sims`` writes the (N images, M captions) float32 similarity matrix as ``.npy``;
 ``--eccv`` adds the ECCV Caption metrics (mAP@R, R-Precision, R@1; percent) and the package's
 COCO 1K/5K recalls; it needs the COCO 5K test split (5,000 images, 25,000 captions in SCAN
-``testall`` order, see data-and-eval.md 1.7). All files are written atomically.
+``testall`` order, see data-and-eval.md 1.7), checked when the split is opened, before anything is
+encoded (another split: a one-line ``error:`` and exit status 2). All files are written atomically.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Sequence
 
 from aahr_fast.utils.errors import AAHRError, CheckpointError, DataError
 
-__all__ = ["main", "build_parser", "evaluate_checkpoint"]
+__all__ = ["main", "build_parser", "evaluate_checkpoint", "check_eccv_split"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str | None = None,
                         protocol: str | None = None, which: str = "best", config: str | None = None,
                         overrides: Sequence[str] = (), device: str = "auto", batch_size: int | None = None,
-                        return_sims: bool = False, log=print):
+                        return_sims: bool = False, eccv: bool = False, log=print):
     """Load a checkpoint, rebuild its model and score it on ``split`` of ``data``.
+
+    ``eccv=True`` checks with :func:`check_eccv_split` that the split is the COCO 5K test split right
+    after opening it, before the model is built and anything is encoded.
 
     Returns:
         (metrics dict, similarity matrix (N, M) float32 tensor or None, the FeatureSplit, the config).
@@ -65,7 +69,8 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
         CheckpointError: unusable checkpoint, differing feature dims or config (named), or ``data`` made
             by other backbones than the run's training folder (both ``meta.json`` readable; see
             :func:`aahr_fast.retrieval.check_trained_backbones`).
-        DataError: from the feature folder. ConfigError: ``batch_size`` not an integer >= 1.
+        DataError: from the feature folder; with ``eccv``, a split other than the COCO 5K test split.
+        ConfigError: ``batch_size`` not an integer >= 1; with ``eccv``, the ``eccv-caption`` package missing.
     """
     import torch
 
@@ -93,6 +98,8 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     folder = resolve_data(cfg, log)
     split = split or cfg.data.test_split
     fs = open_feature_split(folder, split)
+    if eccv:  # before any encoding: refuse a split ECCV Caption does not apply to
+        check_eccv_split(fs)
     dims = feature_dims(fs)
     bad = [f"{k}: checkpoint {meta['dims'].get(k)} != data {v}" for k, v in dims.items() if meta["dims"].get(k) != v]
     if bad:
@@ -112,19 +119,54 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     return metrics, sims, fs, cfg
 
 
+def check_eccv_split(fs) -> None:
+    """Refuse a split ECCV Caption does not apply to; cheap (no features are read).
+
+    ECCV Caption (Chun et al. ECCV 2022; data-and-eval.md 1.7 and 8) scores the COCO 5K test split only:
+    5,000 images with COCO integer ids and 25,000 captions in SCAN ``testall`` row order, because the
+    caption (annotation) ids are taken by position from the package's ``coco_test_ids.npy``.
+
+    Args:
+        fs: a :class:`~aahr_fast.data.features.FeatureSplit` (uses ``name``, ``folder``, ``num_images``,
+            ``num_captions``, ``image_ids``, ``caption_image``).
+    Raises:
+        DataError: other counts, non-integer image ids, or captions whose images are not those of the
+            COCO 5K test captions in ``testall`` order (the first differing caption is named); one line,
+            starting with ``--eccv needs the COCO 5K test split``.
+        ConfigError: the ``eccv-caption`` package is not installed.
+    """
+    import numpy as np
+
+    from aahr_fast import evaluation
+
+    what = "--eccv needs the COCO 5K test split (5,000 images x 25,000 captions in SCAN testall order)"
+    n, m = fs.num_images, fs.num_captions
+    if (n, m) != (5000, 25000):
+        raise DataError(f"{what}; split {fs.name!r} of {fs.folder} has {n} images x {m} captions")
+    try:
+        image_ids = np.array([int(i) for i in fs.image_ids], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"{what}; image ids of {fs.folder} split {fs.name!r} are not COCO integer ids") from None
+    got = image_ids[np.asarray(fs.caption_image, dtype=np.int64)]
+    want = evaluation.coco_test_caption_image_ids()
+    bad = np.flatnonzero(got != want)
+    if bad.size:
+        k = int(bad[0])
+        raise DataError(f"{what}; split {fs.name!r} of {fs.folder}: caption {k} belongs to image {int(got[k])}, "
+                        f"the COCO 5K test split has image {int(want[k])} there ({bad.size} captions differ)")
+
+
 def _eccv(sims, fs) -> dict:
     import numpy as np
 
     from aahr_fast import evaluation
 
+    check_eccv_split(fs)
     n, m = sims.shape
-    if (n, m) != (5000, 25000):
-        raise DataError(f"--eccv needs the COCO 5K test split (5,000 images x 25,000 captions in SCAN testall "
-                        f"order); split {fs.name!r} of {fs.folder} has {n} images x {m} captions")
-    try:
-        image_ids = np.array([int(i) for i in fs.image_ids], dtype=np.int64)
-    except ValueError:
-        raise DataError(f"--eccv: image ids of {fs.folder} split {fs.name!r} are not COCO integer ids") from None
+    if (n, m) != (fs.num_images, fs.num_captions):
+        raise DataError(f"--eccv: similarity matrix {n} x {m} does not match split {fs.name!r} of {fs.folder} "
+                        f"({fs.num_images} images x {fs.num_captions} captions)")
+    image_ids = np.array([int(i) for i in fs.image_ids], dtype=np.int64)
     caption_ids = evaluation.coco_test_caption_ids()
     return evaluation.eccv_metrics(sims, image_ids, caption_ids)
 
@@ -144,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics, sims, fs, cfg = evaluate_checkpoint(
             args.checkpoint, data=args.data, split=args.split, protocol=args.protocol, which=args.which,
             config=args.config, overrides=args.overrides, device=args.device, batch_size=args.batch_size,
-            return_sims=need_sims, log=log)
+            return_sims=need_sims, eccv=args.eccv, log=log)
         protocol = args.protocol or cfg.data.protocol
         log(f"[evaluate] {args.checkpoint}: split {fs.name!r} of {fs.folder} ({fs.num_images} images, "
             f"{fs.num_captions} captions), protocol {protocol}")
