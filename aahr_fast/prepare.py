@@ -28,6 +28,10 @@ Robustness:
 - ``meta.json`` carries a content hash of the inputs (image file names, sizes, mtimes; caption text and
   caption->image map), backbone identities (weight files' paths, sizes, mtimes), dtype and options. A re-run
   with the same hash is a no-op; a different hash rebuilds.
+- A rebuild never replaces another dataset's features silently: when ``out_dir/meta.json`` records another
+  dataset (absolute path, or the sources of in-memory splits) or other backbones (image / text / OpenCLIP
+  names and files), or the folder holds feature files without ``meta.json`` (a SCAN precomp folder), the run
+  stops with a ``ConfigError`` before writing anything, unless ``--overwrite`` (``overwrite=True``).
 """
 from __future__ import annotations
 
@@ -142,6 +146,12 @@ def _text_model_id(path: str) -> list:
     if not files:
         raise ConfigError(f"text backbone folder {path} has no model files (config.json, weights, tokenizer)")
     return files
+
+
+def _text_name(path: str) -> str:
+    """Name of a text backbone folder as ``meta.json`` records it (the parent's name for ``.../model``)."""
+    p = Path(path)
+    return p.name if p.name != "model" else p.parent.name
 
 
 def _default_image_weights() -> str:
@@ -404,6 +414,117 @@ def _split_files(name: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# what an existing output folder holds (refuse to replace another dataset's features silently)
+# ----------------------------------------------------------------------------------------------------------
+IN_MEMORY = "<in-memory splits>"
+
+
+def _dataset_label(dataset_spec: Any) -> str:
+    """``meta.json``'s ``dataset``: the absolute path of a dataset on disk, else the spec (synthetic) or
+    :data:`IN_MEMORY` for a mapping of splits."""
+    if isinstance(dataset_spec, Mapping):
+        return IN_MEMORY
+    s = str(dataset_spec)
+    if s == "synthetic" or s.startswith("synthetic:"):
+        return s
+    return str(Path(s).expanduser().resolve())
+
+
+def _path_label(path: Any) -> str | None:
+    if path is None:
+        return None
+    if isinstance(path, (list, tuple)):  # a stat id [path, size, mtime]
+        path = path[0] if path else None
+        if path is None:
+            return None
+    return str(Path(str(path)).expanduser().resolve())
+
+
+def _backbone_label(name: Any, path: Any) -> str | None:
+    if name is None and path is None:
+        return None
+    where = _path_label(path)
+    return f"{name} ({where})" if where else str(name)
+
+
+def _held_identity(meta: dict) -> dict:
+    """Dataset and backbones an existing ``meta.json`` records (``None`` where it records nothing)."""
+    ib = meta.get("image_backbone") or {}
+    tb = meta.get("text_backbone") or {}
+    clip = meta.get("clip") or None
+    dataset = meta.get("dataset")
+    if isinstance(dataset, str) and not dataset.startswith("<") and not (
+            dataset == "synthetic" or dataset.startswith("synthetic:")):
+        dataset = _path_label(dataset)  # folders written before the label was made absolute
+    if meta.get("toy"):
+        dataset = dataset or "toy features (aahr_fast.data.toy)"
+    return {"dataset": dataset, "sources": meta.get("sources"),
+            "image backbone": _backbone_label(ib.get("name"), ib.get("weights")),
+            "text backbone": _backbone_label(tb.get("name"), tb.get("path")),
+            "OpenCLIP": None if not isinstance(clip, dict) else _backbone_label(clip.get("model"), clip.get("checkpoint"))}
+
+
+def _describe(ident: dict) -> str:
+    parts = [f"dataset {ident['dataset'] or 'unknown (no dataset recorded)'}"]
+    if ident["dataset"] == IN_MEMORY and ident.get("sources"):
+        parts[0] += " from " + ", ".join(f"{k}: {v}" for k, v in sorted(ident["sources"].items()))
+    for key in ("image backbone", "text backbone"):
+        parts.append(f"{key} {ident[key] or 'unknown'}")
+    parts.append(f"OpenCLIP {ident['OpenCLIP']}" if ident["OpenCLIP"] else "no OpenCLIP")
+    return ", ".join(parts)
+
+
+def _differences(held: dict, asked: dict) -> list[str]:
+    diffs = []
+    if held["dataset"] != asked["dataset"]:
+        diffs.append("dataset")
+    elif asked["dataset"] == IN_MEMORY and held.get("sources"):
+        common = set(held["sources"]) & set(asked["sources"])
+        if any(held["sources"][k] != asked["sources"][k] for k in common):
+            diffs.append("dataset")
+    diffs += [k for k in ("image backbone", "text backbone", "OpenCLIP") if held[k] != asked[k]]
+    return diffs
+
+
+def _refuse_foreign_folder(out: Path, asked: dict) -> None:
+    """Raise unless ``out`` is empty of features, or holds features of the same dataset and backbones.
+
+    Called only when a (re)build is about to start and ``overwrite`` is False. A folder whose swap
+    journal exists is this program's own interrupted rebuild and is not checked.
+
+    Raises:
+        ConfigError: ``out`` holds features of another dataset / other backbones, an unreadable
+            ``meta.json``, or feature files without ``meta.json``; names ``out``, what it holds, what was
+            asked and how to proceed (``--overwrite`` or a new folder).
+    """
+    if (out / WORK_DIR / SWAP_JOURNAL).is_file():
+        return
+    how = (f"Nothing was changed. To replace them pass --overwrite (prepare(..., overwrite=True)); to keep them, "
+           f"write to a new output folder.")
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        found = sorted(p.name for pat in ("*_ims.npy", "*_caps.txt") for p in out.glob(pat))
+        if found:
+            raise ConfigError(f"output folder {out} already holds feature files ({', '.join(found[:4])}"
+                              f"{', ...' if len(found) > 4 else ''}) but no meta.json: features not written by "
+                              f"aahr_fast.prepare (e.g. a SCAN precomp folder); asked: {_describe(asked)}. {how}")
+        return
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"output folder {out} holds an unreadable {meta_path.name} ({e}); asked: "
+                          f"{_describe(asked)}. {how}") from None
+    held = _held_identity(meta)
+    diffs = _differences(held, asked)
+    if diffs:
+        raise ConfigError(f"output folder {out} already holds prepared features of "
+                          f"{', '.join('another ' + d for d in diffs)}: it holds {_describe(held)}; "
+                          f"asked: {_describe(asked)}. {how}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # main entry
 # ----------------------------------------------------------------------------------------------------------
 def prepare(
@@ -425,6 +546,7 @@ def prepare(
     clip_checkpoint: str | os.PathLike | None = None,
     clip_model: str = "ViT-B-32",
     force: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Extract frozen features of ``splits`` of a dataset into the prepared folder ``out_dir``.
@@ -445,6 +567,11 @@ def prepare(
         decode_workers: threads decoding JPEGs ahead of the network.
         clip_checkpoint / clip_model: optional local OpenCLIP checkpoint; its vectors replace the global files.
         force: rebuild even when ``meta.json`` says the folder is up to date.
+        overwrite: allow replacing an ``out_dir`` that holds features of another dataset or other backbones
+            (by ``meta.json``: dataset path / in-memory split sources, image / text / OpenCLIP backbone
+            names and files), an unreadable ``meta.json``, or feature files without ``meta.json``. Without
+            it such a folder is refused before anything is written. A rebuild of the same dataset with
+            the same backbones (changed images, captions, dtype, splits) needs no flag.
         device: torch device for the backbones (default: ``"cuda"`` when available, else ``"cpu"``); the
             features are computed in float32 on any device.
         progress: show tqdm bars.
@@ -452,7 +579,8 @@ def prepare(
         The ``meta.json`` content (dict). ``meta["noop"]`` is True when nothing had to be done.
     Raises:
         DataError: bad dataset (missing / corrupt image named, bad captions), unreadable work shards.
-        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split.
+        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split; ``out_dir`` holding
+            features of another dataset / other backbones without ``overwrite`` (names both and the way on).
     """
     t_start = time.perf_counter()
     if dtype not in _DTYPES:
@@ -512,6 +640,12 @@ def prepare(
                   f"({time.perf_counter() - t_start:.2f} s)")
             old["noop"] = True
             return old
+    if not overwrite:
+        clip_label = None if clip_checkpoint is None else _backbone_label(clip_model, str(clip_checkpoint))
+        _refuse_foreign_folder(out, {
+            "dataset": _dataset_label(dataset_spec), "sources": {j.name: j.split.source for j in jobs},
+            "image backbone": _backbone_label("efficientnet-lite0", img_weights),
+            "text backbone": _backbone_label(_text_name(txt_path), txt_path), "OpenCLIP": clip_label})
     with _exclusive(out):
         # The existing folder (complete or not) is left alone until everything new is staged: see _swap_in.
         work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
@@ -614,7 +748,8 @@ def prepare(
             "format": FORMAT,
             "content_hash": content_hash,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "dataset": str(dataset_spec) if not isinstance(dataset_spec, Mapping) else "<in-memory splits>",
+            "dataset": _dataset_label(dataset_spec),
+            "sources": {j.name: j.split.source for j in jobs},
             "dtype": dtype,
             "num_images_option": num_images,
             "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
@@ -623,8 +758,7 @@ def prepare(
                                "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
                                "global_dim": first["image_global_dim"],
                                "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
-            "text_backbone": {"name": Path(txt_path).name if Path(txt_path).name != "model" else
-                              Path(txt_path).parent.name, "path": txt_path, "token_dim": first["token_dim"],
+            "text_backbone": {"name": _text_name(txt_path), "path": txt_path, "token_dim": first["token_dim"],
                               "global": "open_clip text vector" if clip_checkpoint else
                               "mean of last_hidden_state over valid tokens, L2-normalised",
                               "global_dim": first["text_global_dim"], "pad_id": 0,
@@ -669,6 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--clip-checkpoint", default=None, help="optional local OpenCLIP checkpoint for global vectors")
     ap.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP architecture of --clip-checkpoint")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR even when it holds features of another dataset or other backbones")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     try:
@@ -676,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=a.dtype, num_images=a.num_images, text_backbone=a.text_backbone,
                 image_backbone=a.image_weights, text_batch_size=a.text_batch_size, shard_images=a.shard_images,
                 shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers, device=a.device,
-                clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force,
+                clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force, overwrite=a.overwrite,
                 progress=not a.no_progress)
     except AAHRError as e:
         print(f"prepare: error: {e}", file=sys.stderr)

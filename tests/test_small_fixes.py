@@ -108,3 +108,161 @@ def test_check_eccv_split_accepts_testall_order_and_names_the_first_misplaced_ca
         check_eccv_split(_coco_like_split(False))
     with pytest.raises(DataError, match="not COCO integer ids"):
         check_eccv_split(_coco_like_split(True, int_ids=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. prepare refuses an output folder holding another dataset's / other backbones' features
+
+
+def _stub_backbones(weights: Path, text_dir: Path | None = None):
+    """Tiny stand-ins for EfficientNet-Lite0 / MiniLM with their ``prepare`` interface (milliseconds):
+    the image stub's identity is ``weights`` (any existing file), the text stub's ``text_dir`` (default:
+    the packaged MiniLM folder, whose ``config.json`` prepare reads)."""
+    from aahr_fast.backbones import ImageBackbone, TextBackbone, default_text_model
+
+    class StubImage(ImageBackbone):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.weights_path, self.image_size, self.grid, self.num_regions, self.region_dim = \
+                str(weights), 32, 2, 4, 6
+            self.lin = torch.nn.Linear(3, 6)
+
+        def forward(self, x):
+            cells = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # (B, 4, 3)
+            regions = self.lin(cells)
+            return regions, regions.mean(1)
+
+    class StubText(TextBackbone):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.model_path = str(text_dir or default_text_model())
+            self.name, self.dim, self.trainable, self.max_length = "stub", 5, False, 64
+            self.table = torch.nn.Embedding(64, 5)
+
+        def tokenize(self, captions):
+            seqs = [[1, *(3 + sum(map(ord, w)) % 60 for w in c.split()), 2] for c in captions]
+            ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s)
+            return ids, torch.tensor([len(s) for s in seqs])
+
+        def forward(self, input_ids, lengths):
+            mask = torch.arange(input_ids.shape[1])[None] < lengths[:, None]
+            tok = self.table(input_ids) * mask[..., None]
+            return tok, torch.nn.functional.normalize(tok.sum(1), dim=-1)
+
+    return StubImage(), StubText()
+
+
+def _flickr_folder(root: Path, seed: int, n: int = 2) -> Path:
+    """A Flickr8k-layout folder: ``n`` random 32x32 JPEGs, 2 captions each, all in the test list."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    names = [f"im{seed}_{i}.jpg" for i in range(n)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / name)
+    rows = ["image,caption"] + [f"{nm},a picture {seed} {i} variant {j}" for i, nm in enumerate(names) for j in range(2)]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    (root / "Flickr_8k.testImages.txt").write_text("".join(nm + "\n" for nm in names))
+    return root
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def prep(tmp_path):
+    """Two tiny datasets, two stub image-weight identities, a second text-backbone folder and a run helper."""
+    from aahr_fast.prepare import prepare
+
+    ds_a, ds_b = _flickr_folder(tmp_path / "ds_a", 1), _flickr_folder(tmp_path / "ds_b", 2)
+    w1, w2 = tmp_path / "lite0_a.pth", tmp_path / "lite0_b.pth"
+    w1.write_bytes(b"a")
+    w2.write_bytes(b"b")
+    other_bert = tmp_path / "other-bert"
+    other_bert.mkdir()
+    (other_bert / "config.json").write_text('{"vocab_size": 64}')
+
+    def run(ds, out, weights=w1, text_dir=None, **kw):
+        ib, tb = _stub_backbones(weights, text_dir)
+        return prepare(ds, out, splits=("test",), image_backbone=ib, text_backbone=tb, threads=1,
+                       progress=False, batch_size=2, **kw)
+
+    return SimpleNamespace(ds_a=ds_a, ds_b=ds_b, w1=w1, w2=w2, other_bert=other_bert, run=run)
+
+
+def test_prepare_refuses_another_dataset_and_keeps_the_folder(prep, tmp_path):
+    out = tmp_path / "out"
+    meta = prep.run(prep.ds_a, out)
+    assert meta["dataset"] == str(prep.ds_a.resolve()) and meta["sources"] == {"test": str(prep.ds_a / "captions.txt")}
+    before = _snapshot(out)
+    with pytest.raises(ConfigError) as exc:
+        prep.run(prep.ds_b, out)
+    msg = str(exc.value)
+    for needle in (f"output folder {out} already holds prepared features of another dataset",
+                   f"it holds dataset {prep.ds_a.resolve()}", f"asked: dataset {prep.ds_b.resolve()}",
+                   f"efficientnet-lite0 ({prep.w1.resolve()})", "--overwrite", "new output folder"):
+        assert needle in msg, (needle, msg)
+    assert "\n" not in msg
+    assert _snapshot(out) == before  # nothing written, nothing removed (no lock or work folder either)
+
+    meta = prep.run(prep.ds_b, out, overwrite=True)  # the explicit way on
+    assert meta["noop"] is False and meta["dataset"] == str(prep.ds_b.resolve())
+    assert (out / "test_ids.txt").read_text().startswith("im2_")
+
+
+def test_prepare_refuses_other_backbones_but_rebuilds_same_identity(prep, tmp_path):
+    out = tmp_path / "out"
+    prep.run(prep.ds_a, out)
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match=r"another image backbone: .*lite0_a\.pth.*asked: .*lite0_b\.pth"):
+        prep.run(prep.ds_a, out, weights=prep.w2)
+    with pytest.raises(ConfigError, match=r"another text backbone: .*asked: .*other-bert"):
+        prep.run(prep.ds_a, out, text_dir=prep.other_bert)
+    assert _snapshot(out) == before
+    # same dataset and backbones, another dtype: an ordinary rebuild, no flag needed
+    meta = prep.run(prep.ds_a, out, dtype="float32")
+    assert meta["noop"] is False and np.load(out / "test_ims.npy").dtype == np.float32
+
+
+def test_prepare_refuses_foreign_feature_folders(prep, tmp_path):
+    from aahr_fast.data.toy import write_toy_features
+
+    toy = tmp_path / "toy"
+    write_toy_features(toy, {"test": 2}, seed=0)
+    before = _snapshot(toy)
+    with pytest.raises(ConfigError, match=r"another image backbone.*it holds dataset toy features.*image backbone toy"):
+        prep.run(prep.ds_a, toy)
+    assert _snapshot(toy) == before
+
+    scan = tmp_path / "scan"  # SCAN precomp files, no meta.json
+    scan.mkdir()
+    np.save(scan / "test_ims.npy", np.zeros((2, 3, 4), np.float32))
+    (scan / "test_caps.txt").write_text("a\nb\n")
+    before = _snapshot(scan)
+    with pytest.raises(ConfigError, match=r"test_caps\.txt, test_ims\.npy\) but no meta\.json"):
+        prep.run(prep.ds_a, scan)
+    assert _snapshot(scan) == before
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable meta.json"):
+        prep.run(prep.ds_a, bad)
+    assert (bad / "meta.json").read_text() == "{not json"
+
+
+def test_prepare_cli_refusal_is_one_error_and_exit_2(prep, tmp_path, capsys):
+    from aahr_fast import prepare as prepare_cli
+
+    out = tmp_path / "out"
+    prep.run(prep.ds_a, out)
+    before = _snapshot(out)
+    code = prepare_cli.main([str(prep.ds_b), str(out), "--splits", "test", "--no-progress", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"output folder {out} already holds prepared features of another dataset" in err and "--overwrite" in err
+    assert _snapshot(out) == before
