@@ -149,10 +149,20 @@ def test_topk_connection_ties_go_to_lower_index_and_nan_first():
     s = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 2.0],
                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                       [float("nan"), 1.0, float("nan"), 5.0, -0.0, 0.0]])
-    got = ops.topk_connection(s, 0.5, **CPP)
-    assert torch.equal(got, ops.topk_connection(s, 0.5, **REF))
+    got = ops.topk_connection(s[:2], 0.5, **CPP)
+    assert torch.equal(got, ops.topk_connection(s[:2], 0.5, **REF))
     assert got[0].tolist() == [False, True, True, False, True, False]
     assert got[1].tolist() == [True, True, True, False, False, False]
+    # the public op refuses NaN (every backend, DataError is a ValueError) ...
+    for kw in (CPP, REF):
+        with pytest.raises(ValueError, match=r"topk_connection: scores\[2, 0\] is NaN"):
+            ops.topk_connection(s, 0.5, **kw)
+    # ... the backends themselves (used inside instance_correlation) still agree: NaN ranks first
+    from aahr_fast.ops._cpp_correlation import topk_connection_cpp
+    from aahr_fast.ops.correlation import topk_connection_reference
+
+    got = topk_connection_cpp(s, 0.5)
+    assert torch.equal(got, topk_connection_reference(s, 0.5))
     assert got[2].tolist() == [True, False, True, True, False, False]
 
 

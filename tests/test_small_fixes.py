@@ -266,3 +266,21 @@ def test_prepare_cli_refusal_is_one_error_and_exit_2(prep, tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert f"output folder {out} already holds prepared features of another dataset" in err and "--overwrite" in err
     assert _snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. topk_connection refuses NaN scores
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_topk_connection_names_the_first_nan(backend):
+    from aahr_fast import ops
+
+    s = torch.randn(4, 6)
+    s[1, 3] = float("nan")
+    s[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^topk_connection: scores\[1, 3\] is NaN \(2 NaN entries"):
+        ops.topk_connection(s, 0.5, backend=backend)
+    s[1, 3], s[3, 0] = float("inf"), float("-inf")  # infinities rank; only NaN is refused
+    got = ops.topk_connection(s, 0.5, backend=backend)
+    assert got.sum(1).tolist() == [3] * 4 and bool(got[1, 3]) and not bool(got[3, 0])

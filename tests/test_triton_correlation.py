@@ -122,10 +122,17 @@ def test_instance_correlation_bf16_on_gpu():
 
 
 def test_topk_connection_matches_reference_with_ties_and_nan():
+    from aahr_fast.ops._triton_glue import topk_connection_triton
+    from aahr_fast.ops.correlation import topk_connection_reference
+
     g = torch.Generator().manual_seed(14)
     s = torch.randint(0, 3, (7, 13), generator=g).float().to(DEV)
-    s[2, 5] = float("nan")
     for rho in (0.5, 0.3, 1.0, 0.05):
         a = ops.topk_connection(s, rho, backend="triton")
         b = ops.topk_connection(s, rho, backend="reference")
         assert torch.equal(a, b)
+    s[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"topk_connection: scores\[2, 5\] is NaN"):
+        ops.topk_connection(s, 0.5, backend="triton")
+    for rho in (0.5, 0.3, 1.0, 0.05):  # the backend entry itself (instance_correlation's path) ranks NaN first
+        assert torch.equal(topk_connection_triton(s, rho=rho), topk_connection_reference(s, rho))

@@ -92,6 +92,22 @@ def instance_correlation_reference(
 
 
 # ----------------------------------------------------------------------------------------- public ops
+def _check_no_nan(op: str, name: str, x: torch.Tensor) -> None:
+    """Raise DataError naming the first NaN of ``x`` (row-major); one reduction and one host sync when
+    there is none (a NaN makes the sum NaN; the exact scan runs only then, so +inf and -inf together
+    cannot raise). Values of ``meta`` tensors cannot be read and are not checked."""
+    if x.device.type == "meta":
+        return
+    with torch.no_grad():
+        if not bool(torch.isnan(x.sum())):
+            return
+        nan = torch.isnan(x).nonzero()
+    if nan.shape[0]:
+        idx = ", ".join(str(int(v)) for v in nan[0])
+        raise DataError(f"{op}: {name}[{idx}] is NaN ({nan.shape[0]} NaN entries in {name} of shape "
+                        f"{tuple(x.shape)}); a NaN score has no rank (diverged embeddings upstream?)")
+
+
 def _check_rho(op: str, rho: float) -> None:
     if not isinstance(rho, (int, float)) or not (0.0 < float(rho) <= 1.0):
         raise ConfigError(f"{op}: rho must be in (0, 1], got {rho!r}")
@@ -123,8 +139,9 @@ def intra_relevance(x: torch.Tensor, sigma: float = 1.0, *, backend: Optional[st
 def topk_connection(scores: torch.Tensor, rho: float = 0.5, *, backend: Optional[str] = None) -> torch.Tensor:
     """Binary neighbourhood: True for the top ``floor(rho * B')`` scores of each row.
 
-    Ties are broken towards the lower column index (a stable descending sort). NaN sorts above every
-    number (torch.sort order), so a NaN score is always selected. No gradient.
+    Ties are broken towards the lower column index (a stable descending sort). ``+inf`` / ``-inf`` rank
+    first / last; a NaN score has no rank and is refused (every backend goes through this check). No
+    gradient.
     Source: aahr-method.md section 2.6 (top 50% of the batch per row, ``threshold`` = 0.5; HREM).
 
     Args:
@@ -134,12 +151,14 @@ def topk_connection(scores: torch.Tensor, rho: float = 0.5, *, backend: Optional
     Returns:
         (B, B') bool tensor with exactly k True entries per row.
     Raises:
-        DataError: ``scores`` not 2-D floating or empty. ConfigError: ``rho`` outside (0, 1].
+        DataError (a ValueError): ``scores`` not 2-D floating or empty, or holding a NaN (the message
+            names the op and the first NaN index in row-major order). ConfigError: ``rho`` outside (0, 1].
     """
     op = "topk_connection"
     check_tensor(op, "scores", scores, 2)
     check_nonempty(op, **{"scores.shape[0]": scores.shape[0], "scores.shape[1]": scores.shape[1]})
     _check_rho(op, rho)
+    _check_no_nan(op, "scores", scores)
     opts = dict(rho=float(rho))
     _, fn = dispatch(op, backend, scores, options=opts)
     return fn(scores, **opts)
