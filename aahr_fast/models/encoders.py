@@ -269,8 +269,11 @@ class TextBackbone(nn.Module):
 
         path = path or default_backbone_path()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from aahr_fast.backbones import quiet_transformers_loading
+
         try:
-            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+            with quiet_transformers_loading():  # no "Loading weights" bar on stderr
+                self.model = AutoModel.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - re-raised with the folder named
             raise ConfigError(f"cannot load the text backbone from {path!r}: {exc}") from exc
         self.path = path
