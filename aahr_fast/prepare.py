@@ -55,7 +55,7 @@ from aahr_fast.data.dataset import ImageTextSplit
 from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
 from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path
 
-__all__ = ["prepare", "main", "FORMAT", "WORK_DIR"]
+__all__ = ["prepare", "main", "build_parser", "FORMAT", "WORK_DIR"]
 
 FORMAT = "aahr_fast.prepared/1"
 WORK_DIR = ".prepare_work"
@@ -782,17 +782,30 @@ def prepare(
         return meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m aahr_fast.prepare", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help only when the help does not already describe its
+    default and there is a value worth showing (not ``None``, not ``False`` of an on/off flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m aahr_fast.prepare`` (each default shown once in ``--help``)."""
+    ap = argparse.ArgumentParser(prog="python -m aahr_fast.prepare",
+                                 description="Raw images + captions -> a prepared (precomp-layout) feature folder "
+                                             "(frozen EfficientNet-Lite0 regions, MiniLM tokens; see docs/DESIGN.md).",
+                                 formatter_class=_DefaultsOnceFormatter)
     ap.add_argument("dataset", help="dataset spec for aahr_fast.data.readers.open_dataset (e.g. a Flickr8k folder)")
     ap.add_argument("out_dir", help="output feature folder")
     ap.add_argument("--splits", default="train,dev,test", help="comma-separated split names")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward")
     ap.add_argument("--text-batch-size", type=int, default=128, help="captions per forward")
-    ap.add_argument("--dtype", default="float16", choices=sorted(_DTYPES))
-    ap.add_argument("--num-images", type=int, default=None, help="first N images of each split (default all)")
+    ap.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype of the features")
+    ap.add_argument("--num-images", type=int, default=None, help="first N images of each split (default: all)")
     ap.add_argument("--text-backbone", default=None, help="local BERT folder (default: packaged all-MiniLM-L6-v2)")
     ap.add_argument("--image-weights", default=None, help="EfficientNet-Lite0 .pth (default: packaged)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -800,12 +813,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--shard-images", type=int, default=512, help="images per resumable shard")
     ap.add_argument("--shard-captions", type=int, default=4096, help="captions per resumable shard")
-    ap.add_argument("--clip-checkpoint", default=None, help="optional local OpenCLIP checkpoint for global vectors")
+    ap.add_argument("--clip-checkpoint", default=None,
+                    help="optional local OpenCLIP checkpoint for the global vectors (default: none)")
     ap.add_argument("--clip-model", default="ViT-B-32", help="OpenCLIP architecture of --clip-checkpoint")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace OUT_DIR even when it holds features of another dataset or other backbones")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
         prepare(a.dataset, a.out_dir, splits=[s for s in a.splits.split(",") if s], batch_size=a.batch_size,

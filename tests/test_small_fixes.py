@@ -313,3 +313,30 @@ def test_text_backbone_loads_print_no_progress_bar(capfd):
     with pytest.raises(KeyError), quiet_transformers_loading():
         raise KeyError("x")
     assert hf_logging.is_progress_bar_enabled()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. prepare --help: each default once
+
+
+def test_prepare_help_shows_each_default_once(capsys):
+    import re
+
+    from aahr_fast import prepare as prepare_cli
+
+    with pytest.raises(SystemExit) as exc:
+        prepare_cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    entries = {}  # option -> its help text, whitespace collapsed
+    for block in re.split(r"\n(?=  -)", options)[1:]:
+        flag = block.split()[0].rstrip(",")
+        entries[flag] = " ".join(block.split())
+    assert {"--batch-size", "--dtype", "--num-images", "--threads", "--force", "--overwrite"} <= set(entries)
+    for flag, help_text in entries.items():
+        assert help_text.lower().count("default") <= 1, help_text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 32)" in entries["--batch-size"] and "(default: float16)" in entries["--dtype"]
+    assert "(default: all)" in entries["--num-images"] and "(default: all cores)" in entries["--threads"]
+    assert "default" not in entries["--force"]
