@@ -340,3 +340,43 @@ def test_prepare_help_shows_each_default_once(capsys):
     assert "(default: 32)" in entries["--batch-size"] and "(default: float16)" in entries["--dtype"]
     assert "(default: all)" in entries["--num-images"] and "(default: all cores)" in entries["--threads"]
     assert "default" not in entries["--force"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. the public model classes document what they raise (and the documented checks hold)
+
+
+@pytest.mark.parametrize("module", ["encoders", "graph", "momentum", "pooling"])
+def test_public_model_classes_have_a_raises_section(module):
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"aahr_fast.models.{module}")
+    classes = [getattr(mod, n) for n in mod.__all__ if inspect.isclass(getattr(mod, n))]
+    assert classes
+    missing = [c.__name__ for c in classes if "\nRaises:\n" not in "\n" + (inspect.getdoc(c) or "")]
+    assert not missing, f"aahr_fast.models.{module}: no 'Raises:' section in {missing}"
+
+
+def test_documented_model_errors():
+    from aahr_fast.models.encoders import FragmentProjection, MaskedBatchNorm1d
+    from aahr_fast.models.graph import BiasedEncoderLayer
+    from aahr_fast.models.momentum import FeatureQueue
+    from aahr_fast.models.pooling import GlobalGuidedPooling
+
+    with pytest.raises(ConfigError, match="kind='mpl'"):
+        FragmentProjection(8, 4, kind="mpl")  # a typo used to give a silent plain Linear
+    with pytest.raises(ConfigError, match="norm='batchnorm'"):
+        FragmentProjection(8, 4, norm="batchnorm")
+    with pytest.raises(ConfigError, match="heads=4 must be a positive divisor of dim=30"):
+        BiasedEncoderLayer(30, 4, 16)
+    bn = MaskedBatchNorm1d(3).train()
+    with pytest.raises(DataError, match="no valid fragment"):
+        bn(torch.randn(2, 4, 3), torch.zeros(2, 4, dtype=torch.bool))
+    assert torch.equal(bn.running_mean, torch.zeros(3))  # the refused batch left the statistics alone
+    with pytest.raises(DataError, match=r"expected keys \(n, 4\)"):
+        FeatureQueue(8, 4).enqueue(torch.zeros(2, 5), torch.zeros(2))
+    pool = GlobalGuidedPooling(4, heads=2)
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    out = pool(torch.randn(2, 3, 4), mask, torch.randn(2, 4))
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()  # documented: an all-False row is NaN

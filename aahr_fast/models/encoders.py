@@ -38,6 +38,9 @@ class EncoderOutput(NamedTuple):
     mask: (B, N) bool, True = valid; lens: (B,) int64;
     local: (B, D) local-branch embedding ``v`` (not normalised);
     fused: (B, D) final embedding ``f`` (norm <= 1; equals ``l2(v)`` without the global branch).
+
+    Raises:
+        Nothing: a plain NamedTuple, its fields are not validated.
     """
     frags: torch.Tensor
     mask: torch.Tensor
@@ -100,7 +103,14 @@ class MaskedBatchNorm1d(nn.Module):
 
     Same maths and running-stat update as ``nn.BatchNorm1d`` (momentum 0.1, unbiased running variance);
     ``mask=None`` uses every row (the authors' behaviour, ``paper_compat``). Eval uses running stats.
-    Forward: x (B, N, C) float, mask (B, N) bool or None -> (B, N, C).
+    Forward: x (B, N, C) float, mask (B, N) bool or None -> (B, N, C) float32.
+
+    Raises:
+        DataError: in training mode, a batch without any valid fragment (``mask`` all False, or no rows):
+            its statistics would be NaN and poison the running mean / variance.
+        RuntimeError / IndexError: torch's, for ``x`` whose last size is not ``num_features`` or a
+            ``mask`` that is not (B, N) (shapes are not checked here; the encoders validate batches with
+            :func:`check_fragments`).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
@@ -118,6 +128,9 @@ class MaskedBatchNorm1d(nn.Module):
             else:
                 flat = x[mask].float()                                        # (n_valid, C), stats in fp32
             cnt = flat.shape[0]
+            if cnt == 0:
+                raise DataError(f"MaskedBatchNorm1d: no valid fragment in the training batch (x {tuple(x.shape)}, "
+                                f"mask all False): batch statistics would be NaN")
             mean = flat.mean(dim=0)
             var = flat.var(dim=0, unbiased=False)
             with torch.no_grad():
@@ -133,11 +146,23 @@ class FragmentProjection(nn.Module):
     """``R = W0 x + MLP(x)`` with MLP = Linear(Din -> hidden) -> norm -> ReLU -> Linear(hidden -> D)
     (GPO/HREM FC+MLP; ``aahr-method.md`` 2.2 step 1), or ``R = W0 x`` when ``kind="linear"``.
 
+    Args:
+        in_dim: Din. dim: D. kind: "mlp" | "linear". hidden: MLP width (None -> max(D // 2, 1)).
+        norm: norm inside the MLP, "masked_bn" (:class:`MaskedBatchNorm1d`) | "layernorm" | "none".
     Forward: x (B, N, Din), mask (B, N) bool or None (None = statistics over all rows) -> (B, N, D).
+
+    Raises:
+        ConfigError: ``kind`` or ``norm`` not one of the values above (constructor).
+        DataError: from :class:`MaskedBatchNorm1d` (training batch without a valid fragment).
+        RuntimeError: torch's, for ``x`` whose last size is not ``in_dim`` (not checked here).
     """
 
     def __init__(self, in_dim: int, dim: int, kind: str = "mlp", hidden: Optional[int] = None, norm: str = "masked_bn"):
         super().__init__()
+        if kind not in ("mlp", "linear"):
+            raise ConfigError(f"FragmentProjection: kind={kind!r}: expected 'mlp' or 'linear'")
+        if norm not in ("masked_bn", "layernorm", "none"):
+            raise ConfigError(f"FragmentProjection: norm={norm!r}: expected 'masked_bn', 'layernorm' or 'none'")
         self.kind, self.norm_kind = kind, norm
         self.fc = nn.Linear(in_dim, dim)
         if kind == "mlp":
@@ -171,6 +196,13 @@ class FragmentEncoder(nn.Module):
             ``cfg.use_global`` is False). cfg: :class:`ModelConfig`. proj: "mlp" | "linear".
     Forward:
         x (B, N, in_dim) float, lens (B,) int64, glob (B, global_dim) float or None -> :class:`EncoderOutput`.
+
+    Raises:
+        ConfigError: ``proj`` or ``cfg.proj_norm`` unknown (constructor; ``cfg`` is expected validated,
+            :meth:`ModelConfig.validate`).
+        DataError: ``glob`` is None while the global branch is on (``cfg.use_global``); a training batch
+            without a valid fragment. Shapes and lengths are not checked here (the image / text
+            encoders do, with :func:`check_fragments`): bad ones raise torch's RuntimeError.
     """
 
     def __init__(self, in_dim: int, global_dim: int, cfg: ModelConfig, proj: str):
@@ -225,7 +257,15 @@ class FragmentEncoder(nn.Module):
 class ImageEncoder(nn.Module):
     """Image side: regions (B, N, Dr) + region_lens + img_global (B, Dg) -> :class:`EncoderOutput` (D wide).
 
-    Raises DataError for a missing key or bad shapes / lengths (naming the key and item index).
+    Args:
+        region_dim: Dr. global_dim: Dg. cfg: :class:`ModelConfig` (validated).
+    Forward: batch dict of docs/DESIGN.md (``regions``, ``region_lens``, ``img_global`` when
+    ``cfg.use_global``) -> :class:`EncoderOutput`.
+
+    Raises:
+        ConfigError: ``cfg.img_proj`` / ``cfg.proj_norm`` unknown (constructor).
+        DataError: a missing key, an empty batch, feature sizes other than ``region_dim`` / ``global_dim``,
+            lengths outside 1..N (the key and item index are named; :func:`check_fragments`).
     """
 
     def __init__(self, region_dim: int, global_dim: int, cfg: ModelConfig):
@@ -257,8 +297,14 @@ def default_backbone_path() -> str:
 class TextBackbone(nn.Module):
     """A BERT-family encoder loaded from a local folder (no download: ``local_files_only``), fine-tuned.
 
+    Args:
+        path: local BERT-family folder; None -> the packaged all-MiniLM-L6-v2 (:func:`default_backbone_path`).
     Forward: input_ids (B, L) int64 (0 = pad), lens (B,) int64 -> last_hidden_state (B, L, H) float.
-    Raises ConfigError when the folder cannot be loaded.
+
+    Raises:
+        ConfigError: the folder cannot be loaded (named, with the loader's message), or ``path`` is None
+            and the MiniLM package is not installed (constructor). The forward does not validate (the
+            text encoder checks ids and lengths with :func:`check_fragments`).
     """
 
     def __init__(self, path: Optional[str] = None):
@@ -307,7 +353,19 @@ def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tupl
 class TextEncoder(nn.Module):
     """Text side: ``tokens`` (B, L, Dt) frozen features, or ``input_ids`` (B, L) through a fine-tuned
     :class:`TextBackbone` (``cfg.text_mode == "finetune"``), plus token_lens and txt_global (B, Dgt)
-    -> :class:`EncoderOutput`. Raises DataError for a missing key or bad shapes / lengths."""
+    -> :class:`EncoderOutput`.
+
+    Args:
+        token_dim: Dt (ignored when fine-tuning: the backbone's hidden size is used). global_dim: Dgt.
+        cfg: :class:`ModelConfig` (validated; ``text_mode``, ``text_backbone_path``, ``txt_proj``, ...).
+
+    Raises:
+        ConfigError: the fine-tuned text backbone cannot be loaded; ``cfg.txt_proj`` / ``cfg.proj_norm``
+            unknown (constructor).
+        DataError: a missing key (``tokens`` or ``input_ids``, ``token_lens``, ``txt_global``), an empty
+            batch, feature sizes other than the expected ones, lengths outside 1..L (named;
+            :func:`text_token_features`, :func:`check_fragments`).
+    """
 
     def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()

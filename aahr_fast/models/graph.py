@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from aahr_fast import ops
 from aahr_fast.models.config import ModelConfig
 from aahr_fast.models.encoders import EncoderOutput
+from aahr_fast.utils.errors import ConfigError
 
 __all__ = ["BiasedEncoderLayer", "InstanceGraph"]
 
@@ -43,10 +44,18 @@ class BiasedEncoderLayer(nn.Module):
 
     Args: dim, heads (dim % heads == 0), ff_dim, dropout, backend (forced ops backend or None).
     Forward: x (n, dim) float, bias (n, n) float -> (n, dim).
+
+    Raises:
+        ConfigError: ``heads`` not a positive divisor of ``dim`` (constructor).
+        DataError: from :func:`aahr_fast.ops.masked_attention`: ``bias`` not (n, n) floating, tensors on
+            different devices, empty input. RuntimeError: torch's, for ``x`` not (n, dim).
+        BackendUnavailableError: a forced ``backend`` that cannot run on these tensors.
     """
 
     def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float = 0.1, backend: Optional[str] = None):
         super().__init__()
+        if not isinstance(heads, int) or heads < 1 or dim % heads:
+            raise ConfigError(f"BiasedEncoderLayer: heads={heads!r} must be a positive divisor of dim={dim}")
         self.heads, self.head_dim, self.backend = heads, dim // heads, backend
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -82,6 +91,17 @@ class InstanceGraph(nn.Module):
         v_hat (B, D), t_hat (B, D): L2-normalised local-branch embeddings (row i of each is a pair);
         img, txt: :class:`EncoderOutput` of the two encoders (their ``frags`` are used detached).
         Returns ``(v_tilde (B, D), t_tilde (B, D))``, L2-normalised enhanced embeddings.
+
+    Raises:
+        ConfigError: ``cfg.graph_heads`` not a divisor of ``cfg.embed_dim`` (constructor; ``cfg`` is
+            expected validated). From the ops in the forward: ConfigError for a bad ``graph_sigma`` /
+            ``graph_rho`` / ``graph_lam`` / ``gcn_slope``.
+        DataError: from the ops (:func:`~aahr_fast.ops.fragment_word_relevance` or
+            :func:`~aahr_fast.ops.hard_assignment_similarity`, :func:`~aahr_fast.ops.instance_correlation`,
+            :func:`~aahr_fast.ops.gcn_layer`): shapes or lengths inconsistent (named), empty batch,
+            tensors on different devices. NaN embeddings are not refused here (they propagate; the
+            trainer's non-finite guard skips such steps).
+        BackendUnavailableError: ``cfg.ops_backend`` forces a backend that cannot run.
     """
 
     def __init__(self, cfg: ModelConfig):

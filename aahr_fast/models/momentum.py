@@ -50,6 +50,12 @@ class FeatureQueue(nn.Module):
     Buffers: ``feats`` (M, D) float32, initialised with random unit rows (the authors' code);
     ``ids`` (M,) int64, ``-1`` for slots never written (never equal to an image index);
     ``ptr`` () int64 next write slot; ``count`` () int64 number of keys ever enqueued.
+
+    Args:
+        size: M, number of slots. dim: D, key width.
+    Raises:
+        DataError: ``size`` or ``dim`` below 1 (constructor); :meth:`enqueue` with keys not (n, D) or ids
+            not (n,) (both shapes named).
     """
 
     def __init__(self, size: int, dim: int):
@@ -70,7 +76,11 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
         """Write ``keys`` (n, D) and ``ids`` (n,) at the pointer, wrapping around; when ``n > M`` only
-        the last ``M`` keys are kept. Raises DataError on shape mismatch."""
+        the last ``M`` keys are kept (``n = 0`` is a no-op).
+
+        Raises:
+            DataError: ``keys`` not (n, D) or ``ids`` not (n,) (both shapes named).
+        """
         if keys.dim() != 2 or keys.shape[1] != self.dim or ids.shape != (keys.shape[0],):
             raise DataError(f"FeatureQueue.enqueue: expected keys (n, {self.dim}) and ids (n,), got "
                             f"{tuple(keys.shape)} and {tuple(ids.shape)}")

@@ -84,6 +84,13 @@ class GlobalGuidedPooling(nn.Module):
     Forward:
         x (B, N, D) fragments, mask (B, N) bool or None (None = all valid, the paper's unmasked form),
         query (B, D) or (D,) projected global vector (or a learned query) -> (B, D).
+
+    Raises:
+        Nothing of its own: shapes are not checked (the encoders validate batches with
+        :func:`~aahr_fast.models.encoders.check_fragments`); ``x`` / ``query`` whose last size is not
+        ``dim`` or a ``mask`` that is not (B, N) raise torch's RuntimeError. A ``mask`` row with no True
+        entry is not refused and gives a NaN row (softmax over no valid fragment); the encoders
+        guarantee lengths >= 1.
     """
 
     def __init__(self, dim: int, heads: int = 8, head_dim: Optional[int] = None):
@@ -121,7 +128,14 @@ class GatedFusion(nn.Module):
     """Adaptive aggregation of the local vector ``v`` and the projected global vector ``g``
     (``aahr-method.md`` section 2.2 step 7, [C] ``GatedFusion``):
     ``f = z * l2(v) + (1 - z) * l2(g)``, ``z = sigmoid(W_z [l2 v; l2 g] + b_z)``, ``W_z``: 2D -> D.
-    The output is not re-normalised (norm <= 1). Forward: v (B, D), g (B, D) -> (B, D)."""
+    The output is not re-normalised (norm <= 1). Forward: v (B, D), g (B, D) -> (B, D).
+
+    Args:
+        dim: D.
+    Raises:
+        Nothing of its own: ``v`` / ``g`` not (B, D) with the same B raise torch's RuntimeError
+        (not checked here).
+    """
 
     def __init__(self, dim: int):
         super().__init__()
