@@ -6,6 +6,7 @@
 #include "cross_similarity.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -14,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -43,23 +45,79 @@ inline T leaky(T c, T slope) {
   return c > T(0) ? c : slope * c;
 }
 
+// Row loops of the epilogue: f(r, count) on lanes [r, r + count) of a row of n elements, count = V for the
+// full vectors and count = n mod V (> 0) once for the ragged tail, which goes through the same vector code
+// with partial loads / stores (Vec::loadu(ptr, count) reads lanes [0, count) and zeroes the rest;
+// vec.store(ptr, count) writes lanes [0, count) only). The tail's dead lanes must be neutralised where they
+// enter a reduction: masked_or(fill, v, count) puts `fill` there (-inf for maxima, 0 for sums).
+template <typename T, typename F>
+C10_ALWAYS_INLINE void for_lanes(int64_t n, const F& f) {
+  constexpr int64_t V = at::vec::Vectorized<T>::size();
+  int64_t r = 0;
+  for (; r + V <= n; r += V) f(r, V);
+  if (r < n) f(r, n - r);
+}
+
+template <typename T>
+C10_ALWAYS_INLINE at::vec::Vectorized<T> masked_or(const at::vec::Vectorized<T>& fill,
+                                                   const at::vec::Vectorized<T>& v, int64_t count) {
+  return count >= at::vec::Vectorized<T>::size() ? v : at::vec::Vectorized<T>::set(fill, v, count);
+}
+
+// op over the lanes of v in log2(V) halving steps in registers, no branches on the data: ATen's shuffle
+// reduction for float; for double (where ATen's vec_reduce_all goes through memory) deinterleave2 steps.
+template <typename T, typename Op>
+inline T reduce_lanes(at::vec::Vectorized<T> v, const Op& op) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, float>) return at::vec::vec_reduce_all<float>(op, v);
+  for (int64_t h = Vec::size(); h > 1; h /= 2) {
+    const auto eo = at::vec::deinterleave2(v, v);
+    v = op(eo.first, eo.second);
+  }
+  __at_align__ T out[Vec::size()];
+  v.store(out);
+  return out[0];
+}
+
+// Horizontal sum and NaN-propagating max / min of the lanes.
 template <typename T>
 inline T hsum(const at::vec::Vectorized<T>& v) {
-  T tmp[at::vec::Vectorized<T>::size()];
-  v.store(tmp);
-  T s = 0;
-  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += tmp[k];
-  return s;
+  return reduce_lanes(v, [](const auto& x, const auto& y) { return x + y; });
 }
 
 template <typename T>
 inline T hmax(const at::vec::Vectorized<T>& v) {
-  T tmp[at::vec::Vectorized<T>::size()];
-  v.store(tmp);
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) m = nan_max(m, tmp[k]);
-  return m;
+  return reduce_lanes(v, [](const auto& x, const auto& y) { return at::vec::maximum(x, y); });
 }
+
+template <typename T>
+inline T hmin(const at::vec::Vectorized<T>& v) {
+  return reduce_lanes(v, [](const auto& x, const auto& y) { return at::vec::minimum(x, y); });
+}
+
+// Lane-parallel first-argmax with the scalar loop's rule "replace iff u > best, or u is NaN and best is
+// not" (ties -> lowest index, the first NaN wins over numbers). Lane k sees indices congruent to k mod V
+// in increasing order; finish() combines the lanes: the smallest index among the NaN lanes if any lane
+// holds a NaN, else the smallest index among the lanes equal to the maximum. Indices are carried as T
+// (exact below 2^24 for float).
+template <typename T>
+struct LaneArgMax {
+  using Vec = at::vec::Vectorized<T>;
+  Vec best{-std::numeric_limits<T>::infinity()};
+  Vec arg{T(0)};
+  // u: candidates for indices idx (lanes of a ragged tail must hold -inf so they never win)
+  C10_ALWAYS_INLINE void update(const Vec& u, const Vec& idx) {
+    const Vec take = (u > best) | ((u != u) & (best == best));
+    best = Vec::blendv(best, u, take);
+    arg = Vec::blendv(arg, idx, take);
+  }
+  int64_t finish() const {
+    const T m = hmax(best);
+    const Vec cand = std::isnan(m) ? (best != best) : (best == Vec(m));
+    const Vec idx = Vec::blendv(Vec(std::numeric_limits<T>::infinity()), arg, cand);
+    return static_cast<int64_t>(hmin(idx));
+  }
+};
 
 // Tiling of the (caption x image) grid. Tile = cap_per_block captions x img_per_block images, sized so
 // that the score buffer is about rows x cols fragments (see make_geometry).
@@ -128,15 +186,24 @@ Geometry make_geometry(const at::Tensor& region_lens, const at::Tensor& word_len
   return g;
 }
 
-// Per-thread scratch of one pair block (N = regions of the image, L = words of the caption).
+// Per-thread scratch of one pair block (N = regions of the image, L = words of the caption). The per-region
+// arrays are padded to a whole number of vectors (np = ceil(N / V) * V) so that the row loops read and
+// write them with full-width loads / stores, also in the ragged tail (a masked store followed by a masked
+// load of the same address in the next row cannot be store-forwarded and stalls). Lanes >= N of these
+// arrays are filled before use and masked out before every reduction, so they never reach a result.
 template <typename T>
 struct Scratch {
-  std::vector<T> colss, colinv, coln, colmax, colaux, colc;
+  static int64_t padded(int64_t n) {
+    constexpr int64_t V = at::vec::Vectorized<T>::size();
+    return ceil_div(n, V) * V;
+  }
+  std::vector<T> colss, colinv, coln, colmax, colaux, colc, colargf, colg;
   std::vector<T> rowinv, rown, rowaux, rowc;
   std::vector<int64_t> colarg, rowarg;
   Scratch(int64_t n, int64_t l)
-      : colss(n), colinv(n), coln(n), colmax(n), colaux(n), colc(n), rowinv(l), rown(l), rowaux(l), rowc(l),
-        colarg(n), rowarg(l) {}
+      : colss(padded(n)), colinv(padded(n)), coln(padded(n)), colmax(padded(n)), colaux(padded(n)),
+        colc(padded(n)), colargf(padded(n)), colg(padded(n)), rowinv(l), rown(l), rowaux(l), rowc(l), colarg(n),
+        rowarg(l) {}
 };
 
 // A thread's tile buffer of max_rows x max_cols scores, from the torch allocator (so that memory
@@ -158,43 +225,43 @@ at::Tensor tile_scores(T* buf, const at::Tensor& W, const at::Tensor& R, int64_t
 }
 
 // Pass 1 of the relevance epilogue on one pair block p (L x N, leading dimension ld), in place:
-// p <- c = dot * iw * ir (the cosines); row / column sums of s^2 with s = LeakyReLU(c).
-template <typename T>
+// p <- c = dot * iw * ir (the cosines), or s = LeakyReLU(c) when kStoreLeaky (the forward needs only s);
+// row / column sums of s^2 -> rown / rowinv = 1 / (rown + eps), coln / colinv.
+template <typename T, bool kStoreLeaky>
 inline void relevance_pass1(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
                             Scratch<T>& sc) {
   using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  const Vec vslope(slope), vzero(T(0));
+  const Vec vslope(slope), vzero(T(0)), vone(T(1)), veps(eps);
   T* colss = sc.colss.data();
-  std::fill(colss, colss + N, T(0));
+  std::fill(colss, colss + Scratch<T>::padded(N), T(0));
   for (int64_t w = 0; w < L; ++w) {
     T* row = p + w * ld;
     const Vec viw(iw[w]);
     Vec acc(T(0));
-    int64_t r = 0;
-    for (; r + V <= N; r += V) {
-      Vec c = Vec::loadu(row + r) * viw * Vec::loadu(ir + r);
-      c.store(row + r);
-      Vec s = Vec::blendv(c * vslope, c, c > vzero);
-      Vec s2 = s * s;
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec c = Vec::loadu(row + r, n) * viw * Vec::loadu(ir + r, n);
+      const Vec s = Vec::blendv(c * vslope, c, c > vzero);
+      (kStoreLeaky ? s : c).store(row + r, n);
+      // dead lanes zeroed on the operand, not the product, so that body and tail lanes compile to the same
+      // (possibly FMA-contracted) arithmetic: identical columns must get bitwise-identical norms, or a tie
+      // between them would be broken by rounding instead of by the lowest index
+      const Vec sm = masked_or(vzero, s, n);
+      const Vec s2 = sm * sm;
       acc = acc + s2;
-      (Vec::loadu(colss + r) + s2).store(colss + r);
-    }
-    T rs = hsum(acc);
-    for (; r < N; ++r) {
-      T c = row[r] * iw[w] * ir[r];
-      row[r] = c;
-      T s = leaky(c, slope);
-      rs += s * s;
-      colss[r] += s * s;
-    }
-    sc.rown[w] = std::sqrt(rs);
-    sc.rowinv[w] = T(1) / (sc.rown[w] + eps);
+      (Vec::loadu(colss + r) + s2).store(colss + r);  // padded scratch: full width
+    });
+    sc.rown[w] = hsum(acc);  // sum of squares; the norm below
   }
-  for (int64_t r = 0; r < N; ++r) {
-    sc.coln[r] = std::sqrt(colss[r]);
-    sc.colinv[r] = T(1) / (sc.coln[r] + eps);
-  }
+  // norms and 1 / (norm + eps) of the rows and the columns (IEEE sqrt and division: as the scalar forms)
+  const auto norms = [&](const T* ss, T* nrm_out, T* inv_out, int64_t n_all) {
+    for_lanes<T>(n_all, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec nrm = Vec::loadu(ss + r, n).sqrt();
+      nrm.store(nrm_out + r, n);
+      (vone / (nrm + veps)).store(inv_out + r, n);
+    });
+  };
+  norms(sc.rown.data(), sc.rown.data(), sc.rowinv.data(), L);
+  norms(colss, sc.coln.data(), sc.colinv.data(), Scratch<T>::padded(N));
 }
 
 // Forward of one (caption, image) pair block, relevance mode.
@@ -203,62 +270,46 @@ template <typename T>
 inline void relevance_pair_forward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
                                    Scratch<T>& sc, T& t2i, T& i2t) {
   using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  relevance_pass1(p, ld, L, N, iw, ir, slope, eps, sc);
+  relevance_pass1<T, true>(p, ld, L, N, iw, ir, slope, eps, sc);  // p <- s
   const T ninf = -std::numeric_limits<T>::infinity();
-  const Vec vslope(slope), vzero(T(0)), vninf(ninf);
-  T* colinv = sc.colinv.data();
+  const Vec vzero(T(0)), vninf(ninf);
+  const T* colinv = sc.colinv.data();
   T* colmax = sc.colmax.data();
-  std::fill(colmax, colmax + N, ninf);
+  std::fill(colmax, colmax + Scratch<T>::padded(N), ninf);
   T sum_t2i = 0;
   for (int64_t w = 0; w < L; ++w) {
     const T* row = p + w * ld;
     const Vec vri(sc.rowinv[w]);
     Vec vmax = vninf;
-    int64_t r = 0;
-    for (; r + V <= N; r += V) {
-      Vec c = Vec::loadu(row + r);
-      Vec s = Vec::blendv(c * vslope, c, c > vzero);
-      vmax = at::vec::maximum(vmax, s * Vec::loadu(colinv + r));
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec s = Vec::loadu(row + r, n);
+      vmax = at::vec::maximum(vmax, masked_or(vninf, s * Vec::loadu(colinv + r), n));
       at::vec::maximum(Vec::loadu(colmax + r), s * vri).store(colmax + r);
-    }
-    T m = hmax(vmax);
-    for (; r < N; ++r) {
-      T s = leaky(row[r], slope);
-      m = nan_max(m, s * colinv[r]);
-      colmax[r] = nan_max(colmax[r], s * sc.rowinv[w]);
-    }
-    sum_t2i += m;
+    });
+    sum_t2i += hmax(vmax);
   }
-  T sum_i2t = 0;
-  for (int64_t r = 0; r < N; ++r) sum_i2t += colmax[r];
+  Vec acc(T(0));
+  for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    acc = acc + masked_or(vzero, Vec::loadu(colmax + r), n);
+  });
   t2i = sum_t2i / T(L);
-  i2t = sum_i2t / T(N);
+  i2t = hsum(acc) / T(N);
 }
 
-// Word maxima of the hard-assignment mode: p <- c (cosines), m[w] = max_r c[w,r] (NaN propagates).
+// Word maxima of the hard-assignment mode: m[w] = max_r c[w,r], c = p * iw * ir the cosines (NaN propagates).
 template <typename T>
-inline void hard_word_max(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T* m) {
+inline void hard_word_max(const T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T* m) {
   using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t V = Vec::size();
   const Vec vninf(-std::numeric_limits<T>::infinity());
   for (int64_t w = 0; w < L; ++w) {
-    T* row = p + w * ld;
+    const T* row = p + w * ld;
     const Vec viw(iw[w]);
     Vec vmax = vninf;
-    int64_t r = 0;
-    for (; r + V <= N; r += V) {
-      Vec c = Vec::loadu(row + r) * viw * Vec::loadu(ir + r);
-      c.store(row + r);
-      vmax = at::vec::maximum(vmax, c);
-    }
-    T mx = hmax(vmax);
-    for (; r < N; ++r) {
-      T c = row[r] * iw[w] * ir[r];
-      row[r] = c;
-      mx = nan_max(mx, c);
-    }
-    m[w] = mx;
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec c = Vec::loadu(row + r, n) * viw * Vec::loadu(ir + r, n);
+      vmax = at::vec::maximum(vmax, masked_or(vninf, c, n));
+    });
+    m[w] = hmax(vmax);
   }
 }
 
@@ -323,42 +374,44 @@ template <typename T>
 inline void relevance_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, T slope, T eps,
                                     T G1, T G2, Scratch<T>& sc, T* gw, T* gr) {
   using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  relevance_pass1(p, ld, L, N, iw, ir, slope, eps, sc);
+  relevance_pass1<T, false>(p, ld, L, N, iw, ir, slope, eps, sc);  // p <- c
   const T ninf = -std::numeric_limits<T>::infinity();
-  T* colinv = sc.colinv.data();
+  const Vec vslope(slope), vzero(T(0)), vone(T(1)), vninf(ninf);
+  const Vec lane = Vec::arange(T(0), T(1));
+  const T* colinv = sc.colinv.data();
   T* colbest = sc.colmax.data();
+  T* colargf = sc.colargf.data();  // column argmax (word index) as T, converted to colarg below
   int64_t* colarg = sc.colarg.data();
-  std::fill(colbest, colbest + N, ninf);
-  std::fill(colarg, colarg + N, int64_t(0));
+  const int64_t np = Scratch<T>::padded(N);
+  std::fill(colbest, colbest + np, ninf);
+  std::fill(colargf, colargf + np, T(0));
   T* a = sc.colaux.data();  // sum of s over the words whose best region is r
   T* b = sc.rowaux.data();  // sum of s over the regions whose best word is w
-  std::fill(a, a + N, T(0));
+  std::fill(a, a + np, T(0));
   std::fill(b, b + L, T(0));
-  // argmaxes: first maximal index wins (ties -> lowest index), NaN wins over numbers
+  // argmaxes: first maximal index wins (ties -> lowest index), NaN wins over numbers (LaneArgMax's rule,
+  // the same per column over the words: replace iff v > best or v is NaN and best is not)
   for (int64_t w = 0; w < L; ++w) {
     const T* row = p + w * ld;
-    const T ri = sc.rowinv[w];
-    T best = ninf;
-    int64_t arg = 0;
-    for (int64_t r = 0; r < N; ++r) {
-      const T s = leaky(row[r], slope);
-      const T u = s * colinv[r];
-      if (u > best || (std::isnan(u) && !std::isnan(best))) {
-        best = u;
-        arg = r;
-      }
-      const T v = s * ri;
-      if (v > colbest[r] || (std::isnan(v) && !std::isnan(colbest[r]))) {
-        colbest[r] = v;
-        colarg[r] = w;
-      }
-    }
+    const Vec vri(sc.rowinv[w]), vw(static_cast<T>(w));
+    LaneArgMax<T> am;
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec c = Vec::loadu(row + r, n);
+      const Vec s = Vec::blendv(c * vslope, c, c > vzero);
+      am.update(masked_or(vninf, s * Vec::loadu(colinv + r), n), lane + Vec(static_cast<T>(r)));
+      const Vec v = s * vri;
+      const Vec cb = Vec::loadu(colbest + r);
+      const Vec take = (v > cb) | ((v != v) & (cb == cb));
+      Vec::blendv(cb, v, take).store(colbest + r);
+      Vec::blendv(Vec::loadu(colargf + r), vw, take).store(colargf + r);
+    });
+    const int64_t arg = am.finish();
     sc.rowarg[w] = arg;
     sc.rowc[w] = row[arg];  // c at the word's best region
     a[arg] += leaky(row[arg], slope);
   }
   for (int64_t r = 0; r < N; ++r) {
+    colarg[r] = static_cast<int64_t>(colargf[r]);
     const T c = p[colarg[r] * ld + r];
     sc.colc[r] = c;
     b[colarg[r]] += leaky(c, slope);
@@ -368,33 +421,27 @@ inline void relevance_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, cons
     a[r] = sc.coln[r] > T(0) ? G1 * colinv[r] * colinv[r] * a[r] / sc.coln[r] : T(0);
   for (int64_t w = 0; w < L; ++w)
     b[w] = sc.rown[w] > T(0) ? G2 * sc.rowinv[w] * sc.rowinv[w] * b[w] / sc.rown[w] : T(0);
-  const Vec vslope(slope), vzero(T(0)), vone(T(1));
+  T* g = sc.colg.data();  // the block's sum over the words of dc * c per region, added to gr below
+  std::fill(g, g + np, T(0));
   for (int64_t w = 0; w < L; ++w) {
     T* row = p + w * ld;
     const Vec vb(b[w]), viw(iw[w]);
     Vec acc(T(0));
-    int64_t r = 0;
-    for (; r + V <= N; r += V) {
-      Vec c = Vec::loadu(row + r);
-      Vec gate = Vec::blendv(vslope, vone, c > vzero);
-      Vec s = c * gate;
-      Vec dc = (vzero - s) * (Vec::loadu(a + r) + vb) * gate;
-      Vec gcc = dc * c;
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec c = Vec::loadu(row + r, n);
+      const Vec gate = Vec::blendv(vslope, vone, c > vzero);
+      const Vec s = c * gate;
+      const Vec dc = (vzero - s) * (Vec::loadu(a + r) + vb) * gate;
+      const Vec gcc = masked_or(vzero, dc, n) * c;  // dead lanes zeroed on an operand (see relevance_pass1)
       acc = acc + gcc;
-      (Vec::loadu(gr + r) + gcc).store(gr + r);
-      (dc * viw * Vec::loadu(ir + r)).store(row + r);
-    }
-    T gsum = hsum(acc);
-    for (; r < N; ++r) {
-      const T c = row[r];
-      const T gate = c > T(0) ? T(1) : slope;
-      const T dc = -(c * gate) * (a[r] + b[w]) * gate;
-      gsum += dc * c;
-      gr[r] += dc * c;
-      row[r] = dc * iw[w] * ir[r];
-    }
-    gw[w] += gsum;
+      (Vec::loadu(g + r) + gcc).store(g + r);
+      (dc * viw * Vec::loadu(ir + r, n)).store(row + r, n);
+    });
+    gw[w] += hsum(acc);
   }
+  for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    (Vec::loadu(gr + r, n) + Vec::loadu(g + r)).store(gr + r, n);
+  });
   // sparse terms: du / den at the argmax of each word (t2i) and of each region (i2t)
   for (int64_t w = 0; w < L; ++w) {
     const int64_t r = sc.rowarg[w];
@@ -419,20 +466,20 @@ inline void relevance_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, cons
 template <typename T>
 inline void hard_pair_backward(T* p, int64_t ld, int64_t L, int64_t N, const T* iw, const T* ir, Mode mode,
                                T temperature, T G, Scratch<T>& sc, T* gw, T* gr) {
-  const T ninf = -std::numeric_limits<T>::infinity();
+  using Vec = at::vec::Vectorized<T>;
+  const Vec vninf(-std::numeric_limits<T>::infinity());
+  const Vec lane = Vec::arange(T(0), T(1));
   T* m = sc.rowaux.data();
   for (int64_t w = 0; w < L; ++w) {
     T* row = p + w * ld;
-    T best = ninf;
-    int64_t arg = 0;
-    for (int64_t r = 0; r < N; ++r) {
-      const T c = row[r] * iw[w] * ir[r];
-      if (c > best || (std::isnan(c) && !std::isnan(best))) {
-        best = c;
-        arg = r;
-      }
-    }
-    m[w] = best;
+    const Vec viw(iw[w]);
+    LaneArgMax<T> am;  // first best region (ties -> lowest index, first NaN wins)
+    for_lanes<T>(N, [&](int64_t r, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const Vec c = Vec::loadu(row + r, n) * viw * Vec::loadu(ir + r, n);
+      am.update(masked_or(vninf, c, n), lane + Vec(static_cast<T>(r)));
+    });
+    const int64_t arg = am.finish();
+    m[w] = row[arg] * iw[w] * ir[arg];
     sc.rowarg[w] = arg;
     std::fill(row, row + N, T(0));
   }
