@@ -53,7 +53,7 @@ import numpy as np
 
 from aahr_fast.data.dataset import ImageTextSplit
 from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
-from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path
+from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path, fsync_dir
 
 __all__ = ["prepare", "main", "build_parser", "FORMAT", "WORK_DIR"]
 
@@ -394,18 +394,9 @@ def _swap_in(out: Path, work: Path, meta: dict) -> None:
             os.replace(src, out / name)
         elif not ((out / name).is_file() and (out / name).stat().st_size == size):
             raise DataError(f"staged file {src} is missing (work folder damaged); delete {work} and re-run")
-    _fsync_dir(out)
+    fsync_dir(out)
     atomic_save_json({k: v for k, v in meta.items() if k != "noop"}, out / "meta.json")
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _split_files(name: str) -> list[str]:
