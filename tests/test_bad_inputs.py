@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +47,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
+from _stub_backbones import stub_text_backbone
 
 from aahr_fast.models.config import ScheduleWarning
 from aahr_fast.ops import BackendUnavailableError
@@ -293,39 +293,10 @@ def _tiny_yaml(path: Path, **sections: dict) -> Path:
     return path
 
 
-def _stub_text_backbone():
-    """Stand-in for the frozen MiniLM in ``prepare`` (a :class:`aahr_fast.backbones.TextBackbone` subclass with
-    its interface: ``tokenize``, ``forward``, ``dim``, ``model_path``; 8-d word-hash embeddings), so the prepare
-    cases reach the image decoding without the ~10 s BERT load."""
-    from aahr_fast.backbones import TextBackbone, default_text_model
-
-    class Stub(TextBackbone):
-        def __init__(self) -> None:
-            torch.nn.Module.__init__(self)
-            self.model_path, self.name, self.dim, self.trainable, self.max_length = \
-                default_text_model(), "stub", 8, False, 64
-            self.table = torch.nn.Embedding(1024, 8)
-
-        def tokenize(self, captions):
-            seqs = [[1, *(3 + zlib.crc32(w.encode()) % 1000 for w in c.split()), 2] for c in captions]
-            width = max(len(s) for s in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-            return ids, torch.tensor([len(s) for s in seqs])
-
-        def forward(self, input_ids, lengths):
-            mask = torch.arange(input_ids.shape[1])[None] < lengths[:, None]
-            tok = self.table(input_ids) * mask[..., None]
-            return tok, torch.nn.functional.normalize(tok.sum(1), dim=-1)
-
-    return Stub()
-
-
 def _prepare(w: Work, ds: Path, out: Path) -> Callable[[], Any]:
     from aahr_fast.prepare import prepare
 
-    ib, tb = w.image_backbone, _stub_text_backbone()
+    ib, tb = w.image_backbone, stub_text_backbone()
     return lambda: prepare(ds, out, splits=("test",), image_backbone=ib, text_backbone=tb, threads=1,
                            progress=False, batch_size=2, shard_images=2)
 

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _stub_backbones import stub_text_backbone
 
 from aahr_fast.utils.errors import ConfigError, DataError
 
@@ -118,7 +119,7 @@ def _stub_backbones(weights: Path, text_dir: Path | None = None):
     """Tiny stand-ins for EfficientNet-Lite0 / MiniLM with their ``prepare`` interface (milliseconds):
     the image stub's identity is ``weights`` (any existing file), the text stub's ``text_dir`` (default:
     the packaged MiniLM folder, whose ``config.json`` prepare reads)."""
-    from aahr_fast.backbones import ImageBackbone, TextBackbone, default_text_model
+    from aahr_fast.backbones import ImageBackbone
 
     class StubImage(ImageBackbone):
         def __init__(self) -> None:
@@ -132,26 +133,7 @@ def _stub_backbones(weights: Path, text_dir: Path | None = None):
             regions = self.lin(cells)
             return regions, regions.mean(1)
 
-    class StubText(TextBackbone):
-        def __init__(self) -> None:
-            torch.nn.Module.__init__(self)
-            self.model_path = str(text_dir or default_text_model())
-            self.name, self.dim, self.trainable, self.max_length = "stub", 5, False, 64
-            self.table = torch.nn.Embedding(64, 5)
-
-        def tokenize(self, captions):
-            seqs = [[1, *(3 + sum(map(ord, w)) % 60 for w in c.split()), 2] for c in captions]
-            ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-            return ids, torch.tensor([len(s) for s in seqs])
-
-        def forward(self, input_ids, lengths):
-            mask = torch.arange(input_ids.shape[1])[None] < lengths[:, None]
-            tok = self.table(input_ids) * mask[..., None]
-            return tok, torch.nn.functional.normalize(tok.sum(1), dim=-1)
-
-    return StubImage(), StubText()
+    return StubImage(), stub_text_backbone(text_dir, dim=5, vocab=64)
 
 
 def _flickr_folder(root: Path, seed: int, n: int = 2) -> Path:
