@@ -98,13 +98,14 @@ ROWS = ["authors", "reference", "compiled", "cpp", "triton", "cuda"]
 CHAN_ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
 
 
-def _impl(name, tools):
-    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
+def _impl(name, tools, compiled_key="xsim"):
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here.
+    ``compiled_key``: cache key of the compiled row (one compiled function per matmul-precision setting)."""
     device = tools.require_backend("fragment_word_relevance", name)
     if name == "authors":
         return authors_formulation, device
     if name == "compiled":
-        return _compiled(), device
+        return _compiled(compiled_key), device
     return _public(name), device
 
 
@@ -124,13 +125,10 @@ def _check_against_reference(fn, case, device):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ROWS)
-@pytest.mark.parametrize("n_regions", [36, 49], ids=lambda n: f"N{n}")
-def test_forward(benchmark, bench_tools, threads, n_regions, impl):
-    t = bench_tools
-    group = f"xsim-fwd-N{n_regions}-T{threads}"
+def _time_forward(benchmark, t, threads, group, impl, fn, device, n_regions, **extra):
+    """Check ``fn`` against the reference, then time its no-grad forward on the N = ``n_regions`` case as
+    row ``impl`` of ``group`` (peak extra memory, GFLOP/s, fraction of the mm ceiling, ``extra``)."""
     benchmark.group = group
-    fn, device = _impl(impl, t)
     case = make_case(n_regions)
     _check_against_reference(fn, case, device)
     case = t.to_device(case, device)
@@ -146,7 +144,15 @@ def test_forward(benchmark, bench_tools, threads, n_regions, impl):
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     _, region_lens, _, word_lens = case
     t.finish_row(benchmark, group, impl, flops=_useful_flops(region_lens, word_lens),
-                 mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device, threads=threads)
+                 mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device, threads=threads,
+                 **extra)
+
+
+@pytest.mark.parametrize("impl", ROWS)
+@pytest.mark.parametrize("n_regions", [36, 49], ids=lambda n: f"N{n}")
+def test_forward(benchmark, bench_tools, threads, n_regions, impl):
+    fn, device = _impl(impl, bench_tools)
+    _time_forward(benchmark, bench_tools, threads, f"xsim-fwd-N{n_regions}-T{threads}", impl, fn, device, n_regions)
 
 
 @pytest.mark.parametrize("impl", ["authors", "reference", "compiled", "cpp"])
@@ -156,34 +162,12 @@ def test_forward_medium_precision(benchmark, bench_tools, threads, impl):
     fp32 GEMMs from the same oneDNN path, which then may use bf16-based arithmetic with fp32 accumulation),
     and the mm ceiling measured under the same setting. Shows what a user who opts into faster fp32
     matmuls (as with TF32 on a GPU) gets; the default-precision groups above are the headline numbers."""
-    t = bench_tools
-    n_regions = 36
-    group = f"xsim-fwd-N{n_regions}-medium-T{threads}"
-    benchmark.group = group
-    device = t.require_backend("fragment_word_relevance", impl)
-    if impl == "authors":
-        fn = authors_formulation
-    elif impl == "compiled":
-        fn = _compiled("xsim-medium")
-    else:
-        fn = _public(impl)
-    case = make_case(n_regions)
+    fn, device = _impl(impl, bench_tools, compiled_key="xsim-medium")
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        _check_against_reference(fn, case, device)
-
-        def run():
-            with torch.no_grad():
-                return fn(*case)
-
-        run()  # warm-up (and compile for the compiled row)
-        peak, _ = t.peak_extra_bytes(run, device=device)
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-        _, region_lens, _, word_lens = case
-        t.finish_row(benchmark, group, impl, flops=_useful_flops(region_lens, word_lens),
-                     mm_shape=_mm_shape(region_lens, word_lens), peak_bytes=peak, device=device,
-                     threads=threads, matmul_precision="medium")
+        _time_forward(benchmark, bench_tools, threads, f"xsim-fwd-N36-medium-T{threads}", impl, fn, device, 36,
+                      matmul_precision="medium")
     finally:
         torch.set_float32_matmul_precision(before)
 
