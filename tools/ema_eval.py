@@ -9,10 +9,8 @@ import argparse
 
 import torch
 
-from aahr_fast.checkpoint import load_weights, read_weights_meta, resolve_checkpoint
-from aahr_fast.config import config_from_dict
 from aahr_fast.engine import evaluate_model, open_feature_split
-from aahr_fast.models import build_model
+from aahr_fast.retrieval import load_model
 
 
 def main() -> None:
@@ -21,15 +19,10 @@ def main() -> None:
     ap.add_argument("--split", default="dev"), ap.add_argument("--which", default="best", choices=("best", "last"))
     a = ap.parse_args()
     torch.set_num_threads(1)
-    ref = resolve_checkpoint(a.run, prefer=a.which)
-    meta = read_weights_meta(ref.weights)
-    cfg = config_from_dict(meta["config"])
+    loaded = load_model(a.run, which=a.which)
+    model, cfg, cpu = loaded.model, loaded.config, loaded.device
     fs = open_feature_split(a.data, a.split)
-    model = build_model(cfg.model, dict(meta["dims"]))
-    load_weights(model, ref)
-    model.eval()
-    cpu = torch.device("cpu")
-    print(ref.weights)
+    print(loaded.weights)
     m = evaluate_model(model, fs, cfg.model, device=cpu, batch_size=500, protocol="1k")
     print(f"online encoders:   {a.split} rsum {m['rsum']:.2f}")
     model.img_enc.load_state_dict(model.img_key.state_dict())

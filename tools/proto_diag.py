@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from aahr_fast import ops
-from aahr_fast.checkpoint import load_weights, read_weights_meta, resolve_checkpoint
-from aahr_fast.config import config_from_dict
 from aahr_fast.engine import encode_split, open_feature_split
-from aahr_fast.models import build_model
+from aahr_fast.retrieval import load_model
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -29,20 +27,16 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.05, 0.02])
     a = ap.parse_args()
     torch.set_num_threads(1)
-    ref = resolve_checkpoint(a.run, prefer="best")
-    meta = read_weights_meta(ref.weights)
-    cfg = config_from_dict(meta["config"])
+    loaded = load_model(a.run, which="best")
+    model, cfg = loaded.model, loaded.config
     fs = open_feature_split(a.data, "dev")
-    model = build_model(cfg.model, dict(meta["dims"]))
-    load_weights(model, ref)
-    model.eval()
-    img, txt, cap_img = encode_split(model, fs, cfg.model, device=torch.device("cpu"), batch_size=500,
+    img, txt, cap_img = encode_split(model, fs, cfg.model, device=loaded.device, batch_size=500,
                                      max_images=128)
     protos = F.normalize(model.prototypes.weight.detach(), dim=1)
     k = protos.shape[0]
     f_v = img[torch.as_tensor(cap_img[:640:5])][:128]
     f_t = txt[:640:5][:128]
-    print(f"{ref.weights}: K = {k}, uniform code entropy log K = {math.log(k):.3f}")
+    print(f"{loaded.weights}: K = {k}, uniform code entropy log K = {math.log(k):.3f}")
     for name, x in (("image", f_v), ("text", f_t)):
         s = x @ protos.T
         print(f"{name}: score std per row {float(s.std(dim=1).mean()):.4f}, max - min {float((s.max(1).values - s.min(1).values).mean()):.3f}")
