@@ -285,3 +285,32 @@ def test_cuda_build_failure_falls_back_to_a_cpu_only_build(tmp_path):
     assert loader.cuda_error is not None and "CUDA part" in loader.cuda_error
     assert not loader.with_cuda and loader.sources() == [loader.source_dir / "broken.cpp"]
     assert err is not None and "deliberately broken" in err  # the CPU-only build then ran (and failed here)
+
+
+def test_simd_level_follows_cpuinfo_and_env(monkeypatch):
+    monkeypatch.delenv("AAHR_EXT_SIMD", raising=False)
+    avx512 = {"fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: set(avx512))
+    assert _ext.simd_level() == "avx512"
+    assert "-DCPU_CAPABILITY_AVX512" in _ext.ExtensionLoader(with_cuda=False).cflags()
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: avx512 - {"avx512vl"})  # a subset missing: AVX2 code
+    assert _ext.simd_level() == "avx2"
+    assert "-DCPU_CAPABILITY_AVX2" in _ext.ExtensionLoader(with_cuda=False).cflags()
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: set())
+    assert _ext.simd_level() == "none"
+    assert not any("CPU_CAPABILITY" in f for f in _ext.ExtensionLoader(with_cuda=False).cflags())
+    monkeypatch.setattr(_ext, "_cpu_flags", lambda: set(avx512))
+    monkeypatch.setenv("AAHR_EXT_SIMD", "AVX2")  # forced, case-insensitive
+    assert _ext.simd_level() == "avx2"
+    a2 = _ext.ExtensionLoader(with_cuda=False).key()
+    monkeypatch.setenv("AAHR_EXT_SIMD", "avx512")
+    assert _ext.ExtensionLoader(with_cuda=False).key() != a2  # another build folder per SIMD level
+
+
+def test_bad_simd_override_falls_back_with_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("AAHR_EXT_SIMD", "sse9")
+    loader = _ext.ExtensionLoader(source_dir=_ext.default_source_dir(), build_root=tmp_path, with_cuda=False)
+    monkeypatch.setattr(_ext, "_namespace_loaded", lambda: False)  # as in a fresh process
+    err = loader.error()
+    assert err is not None and "AAHR_EXT_SIMD='sse9'" in err and "avx512, avx2, none" in err
+    assert not any(tmp_path.iterdir())  # nothing was built

@@ -12,8 +12,10 @@ has CUDA (:func:`cuda_sources`, the hook for the CUDA backend; extra nvcc flags 
 ``csrc/``).
 
 Build: ``torch.utils.cpp_extension.load`` + ninja with ``-O3 -fopenmp`` (``-fopenmp`` also at link
-time, or ``at::parallel_for`` runs on one thread) and, when ``/proc/cpuinfo`` lists avx2 and fma,
-``-mavx2 -mfma -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2`` (for ``at::vec::Vectorized``). The build
+time, or ``at::parallel_for`` runs on one thread) and the SIMD flags of :func:`simd_level` (for
+``at::vec::Vectorized``): ``-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -DCPU_CAPABILITY=AVX512`` when
+``/proc/cpuinfo`` lists those subsets, else ``-mavx2 -mfma -DCPU_CAPABILITY=AVX2`` when it lists avx2 and fma;
+``AAHR_EXT_SIMD=avx512|avx2|none`` forces one. The build
 folder is ``$TORCH_EXTENSIONS_DIR`` (or ``~/.cache/aahr_fast/torch_extensions``) /
 ``aahr_fast_ops-torch<version>-<python>-<hash of sources + flags>``, so a source edit gives a new folder
 and an existing ``aahr_fast_ops.so`` there is loaded directly (no compiler, no ninja).
@@ -74,17 +76,51 @@ def default_build_root() -> Path:
     return Path(cache) / "aahr_fast" / "torch_extensions"
 
 
-def cpu_has_avx2_fma() -> bool:
-    """True when ``/proc/cpuinfo`` lists both ``avx2`` and ``fma`` (False where it cannot be read)."""
+def _cpu_flags() -> set[str]:
+    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return "avx2" in flags and "fma" in flags
-    return False
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+#: the AVX-512 subsets ``at::vec::Vectorized`` needs for its 512-bit code (as PyTorch's own AVX512 kernels)
+_AVX512_SUBSETS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+#: C++ flags per SIMD level; ``CPU_CAPABILITY_*`` selects the matching ``at::vec::Vectorized`` width
+SIMD_CFLAGS: dict[str, list[str]] = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "none": [],
+}
+
+
+def simd_level() -> str:
+    """The SIMD level the extension is built for: ``"avx512"``, ``"avx2"`` or ``"none"``.
+
+    ``AAHR_EXT_SIMD`` (one of those names) forces a level; otherwise the widest one this CPU supports
+    (``/proc/cpuinfo``): avx512 needs avx512f/bw/vl/dq and fma, avx2 needs avx2 and fma.
+
+    Raises:
+        ExtensionBuildError: ``AAHR_EXT_SIMD`` is set to something else (the dispatcher then warns once and
+            uses the reference, as for any failed build).
+    """
+    forced = os.environ.get("AAHR_EXT_SIMD", "").strip().lower()
+    if forced:
+        if forced not in SIMD_CFLAGS:
+            raise ExtensionBuildError(f"AAHR_EXT_SIMD={forced!r}: expected one of {', '.join(SIMD_CFLAGS)}")
+        return forced
+    flags = _cpu_flags()
+    if "fma" in flags and all(f in flags for f in _AVX512_SUBSETS):
+        return "avx512"
+    if "fma" in flags and "avx2" in flags:
+        return "avx2"
+    return "none"
 
 
 def torch_has_cuda() -> bool:
@@ -150,9 +186,7 @@ class ExtensionLoader:
 
     def cflags(self) -> list[str]:
         """C++ compiler flags (see module docstring)."""
-        flags = ["-O3", "-fopenmp"]
-        if cpu_has_avx2_fma():
-            flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        flags = ["-O3", "-fopenmp"] + SIMD_CFLAGS[simd_level()]
         if self.with_cuda:
             flags.append("-DAAHR_WITH_CUDA")
         return flags
