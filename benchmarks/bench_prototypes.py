@@ -8,7 +8,8 @@ eps = 0.1, 3 Sinkhorn iterations, tau = 0.1; queue Q = 0 (AAHR's code) or Q = 20
 modality (the MoCo memory bank size; their scores join the Sinkhorn columns).
 
 Groups: ``proto-loss-Q*-T*`` forward + backward of the loss (gradients to x_v, x_t and the prototypes);
-``sinkhorn-Q*-T*`` the codes of one (B + Q, K) score matrix.
+``sinkhorn-Q*-T*`` the codes of one (B + Q, K) score matrix; ``proto-loss-Q*-medium-T*`` the loss under
+``torch.set_float32_matmul_precision("medium")`` for every row and the ceiling.
 Rows: ``reference`` (eager, ``backend="reference"``), ``compiled`` (``torch.compile`` of the reference
 function), ``cpp`` (``backend="cpp"``),
 ``triton`` / ``cuda`` (CUDA tensors; skipped without a CUDA device).
@@ -92,11 +93,9 @@ def _fwdbwd(fn, case):
     return (loss.detach(),) + torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("impl", ROWS)
-@pytest.mark.parametrize("q", [0, 2048], ids=lambda q: f"Q{q}")
-def test_loss_forward_backward(benchmark, bench_tools, threads, q, impl):
-    t = bench_tools
-    group = f"proto-loss-Q{q}-T{threads}"
+def _time_loss(benchmark, t, threads, group, impl, q, **extra):
+    """Check row ``impl`` against the reference, then time the loss forward + backward on the queue-``q`` case
+    as row ``impl`` of ``group`` (peak extra memory, GFLOP/s, fraction of the mm ceiling, ``extra``)."""
     benchmark.group = group
     fn, device = _loss_impl(impl, t)
     case = loss_case(q)
@@ -116,7 +115,34 @@ def test_loss_forward_backward(benchmark, bench_tools, threads, q, impl):
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     flops = 2.0 * (2 * B + 2 * q) * K * D + 2 * 2.0 * (2 * B) * K * D
     t.finish_row(benchmark, group, impl, flops=flops, mm_shape=(2 * B + 2 * q, K, D), peak_bytes=peak,
-                 device=device, threads=threads)
+                 device=device, threads=threads, **extra)
+
+
+@pytest.mark.parametrize("impl", ROWS)
+@pytest.mark.parametrize("q", [0, 2048], ids=lambda q: f"Q{q}")
+def test_loss_forward_backward(benchmark, bench_tools, threads, q, impl):
+    _time_loss(benchmark, bench_tools, threads, f"proto-loss-Q{q}-T{threads}", impl, q)
+
+
+@pytest.mark.parametrize("impl", ["reference", "compiled", "cpp"])
+@pytest.mark.parametrize("q", [0, 2048], ids=lambda q: f"Q{q}")
+def test_loss_forward_backward_medium_precision(benchmark, bench_tools, threads, q, impl):
+    """Group ``proto-loss-Q*-medium-T*``: the loss forward + backward with
+    ``torch.set_float32_matmul_precision("medium")`` for every row alike and for the ceiling (oneDNN may then
+    run the fp32 GEMMs with bf16-based arithmetic and fp32 accumulation, as in ``xsim-fwd-N36-medium``).
+    The comparison against the reference is the same as at default precision (rtol 1e-4): the GEMM outputs
+    change by less than that here."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        if impl == "compiled":
+            _COMPILED.pop("loss", None)  # compiled under this setting, not reused from the default groups
+        _time_loss(benchmark, bench_tools, threads, f"proto-loss-Q{q}-medium-T{threads}", impl, q,
+                   matmul_precision="medium")
+    finally:
+        if impl == "compiled":
+            _COMPILED.pop("loss", None)
+        torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("impl", ROWS)
