@@ -62,6 +62,27 @@ def test_sinkhorn_extreme_scores_do_not_overflow():
     torch.testing.assert_close(got, ops.sinkhorn(s, 0.05, 3, **REF), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype,spans", [(torch.float32, [5, 35, 45, 70, 150]),
+                                          (torch.float64, [50, 250, 350, 800])])
+def test_sinkhorn_exp_free_and_log_domain_steps_agree_across_the_switch(dtype, spans):
+    """The C++ Sinkhorn runs exp-free scaling steps while every factor stays within exp(-G) (G = 40 float,
+    300 double) and log-domain steps otherwise; score spans (max - min) / eps on both sides of G, and a
+    dominated row (large dual v_b: the switch happens between iterations), all match the reference."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(50, 24, generator=g, dtype=dtype)
+    for span in spans:
+        s = base * span * 0.1  # eps = 0.1: (max - min) / eps ~ span
+        for dominated in (False, True):
+            t = s.clone()
+            if dominated:
+                t[7] -= 0.6 * span * 0.1  # every entry of row 7 far below the others: a large v_7
+            got = ops.sinkhorn(t, 0.1, 4, **CPP)
+            assert torch.isfinite(got).all(), (span, dominated)
+            torch.testing.assert_close(got, ops.sinkhorn(t, 0.1, 4, **REF), **TOL[dtype], msg=f"span {span}")
+            rows = ops.sinkhorn(torch.cat([t, t[:3]]), 0.1, 2, **CPP)  # odd row count, queue-like rows
+            torch.testing.assert_close(rows, ops.sinkhorn(torch.cat([t, t[:3]]), 0.1, 2, **REF), **TOL[dtype])
+
+
 def test_sinkhorn_ties_zero_scores_and_layouts():
     z = torch.zeros(4, 6)  # all ties: uniform codes
     torch.testing.assert_close(ops.sinkhorn(z, **CPP), torch.full((4, 6), 1 / 6))

@@ -10,6 +10,10 @@
 //   (the global normalisation and previous potentials cancel out; L is first shifted by its column
 //   maxima, which the first column step absorbs), and the returned codes are
 //   codes_bk = exp(L_bk + u_k + v_b + log N) = softmax_k(L_bk + u_k): rows sum to 1.
+//   When every factor is within exp(-G) of 1 (scaling_range below; always so for cosine scores at
+//   SwAV's eps), a step runs exp-free on P = exp(L) (computed once) and the scaling vectors
+//   a_b = exp(v_b - max v), c_k = exp(u_k - max u): a matrix-vector product instead of one exp per
+//   element, the same sums in exact arithmetic; otherwise the log-domain step runs.
 //   With n_iters = 0 the codes are N * exp(L - logsumexp_all(L)). Only the first `rows_out`
 //   rows are returned (queue rows take part in the normalisation but their codes are not needed).
 //
@@ -110,6 +114,68 @@ constexpr scalar_t max_shift_gap() {
   return sizeof(scalar_t) == 4 ? scalar_t(60) : scalar_t(600);
 }
 
+// Largest log-range for the scaling (exp-free) steps below: every factor (P_bk = exp(L_bk), a_b =
+// exp(v_b - max v), c_k = exp(u_k - max u)) is >= exp(-G), so every product term is >= exp(-2G) and
+// stays a normal number (float: exp(-80) > FLT_MIN = exp(-87.3); double: exp(-600) > exp(-708)).
+// Within these ranges the scaling steps compute the same sums as the log-domain ones without one
+// exp per element; outside them (or with NaN / inf anywhere) the log-domain steps run.
+template <typename scalar_t>
+constexpr scalar_t scaling_range() {
+  return sizeof(scalar_t) == 4 ? scalar_t(40) : scalar_t(300);
+}
+
+// (max, max - min) of x[0, n); range = NaN when any entry is NaN or infinite.
+template <typename scalar_t>
+std::pair<scalar_t, scalar_t> max_and_range(const scalar_t* x, int64_t n) {
+  scalar_t hi = -std::numeric_limits<scalar_t>::infinity(), lo = -hi;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return {x[i], std::numeric_limits<scalar_t>::quiet_NaN()};
+    hi = x[i] > hi ? x[i] : hi;
+    lo = x[i] < lo ? x[i] : lo;
+  }
+  return {hi, hi - lo};
+}
+
+// Scaling column step for k in [k0, k1): u_k = -log K - vmax - log sum_b P_bk a_b, with
+// a_b = exp(v_b - vmax) precomputed (the log-domain col_step without exponentials).
+template <typename scalar_t>
+void col_step_scaled(const scalar_t* P, const scalar_t* a, scalar_t vmax, int64_t N, int64_t K,
+                     int64_t k0, int64_t k1, scalar_t* u, scalar_t* s) {
+  using V = Vec<scalar_t>;
+  std::fill(s + k0, s + k1, scalar_t(0));
+  for (int64_t b = 0; b < N; ++b) {
+    const scalar_t* row = P + b * K;
+    const V ab(a[b]);
+    int64_t k = k0;
+    for (; k + V::size() <= k1; k += V::size())
+      at::vec::fmadd(V::loadu(row + k), ab, V::loadu(s + k)).store(s + k);
+    for (; k < k1; ++k) s[k] += row[k] * a[b];
+  }
+  const scalar_t logK = std::log(scalar_t(K));
+  for (int64_t k = k0; k < k1; ++k) u[k] = -logK - vmax - std::log(s[k]);
+}
+
+// Scaling row step for rows [r0, r1), c_k = exp(u_k - umax) precomputed: either
+// v_b = -log N - umax - log sum_k P_bk c_k, or (codes given) codes_b = P_b * c / sum_k P_bk c_k,
+// which is softmax_k(L_bk + u_k).
+template <typename scalar_t>
+void row_step_scaled(const scalar_t* P, const scalar_t* c, scalar_t umax, int64_t K, int64_t N,
+                     int64_t r0, int64_t r1, scalar_t* v, scalar_t* codes) {
+  using V = Vec<scalar_t>;
+  const scalar_t logN = std::log(scalar_t(N));
+  for (int64_t b = r0; b < r1; ++b) {
+    const scalar_t* row = P + b * K;
+    if (codes) {
+      scalar_t* dst = codes + b * K;
+      at::vec::map2([](V x, V y) { return x * y; }, dst, row, c, K);
+      const V inv(scalar_t(1) / row_sum(dst, K));
+      at::vec::map([inv](V x) { return x * inv; }, dst, dst, K);
+    } else {
+      v[b] = -logN - umax - std::log(row_dot(row, c, K));
+    }
+  }
+}
+
 // Sinkhorn codes of the first `rows_out` rows of S (N x K, contiguous) into `codes`
 // (rows_out x K, contiguous).
 //
@@ -123,6 +189,7 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
   using V = Vec<scalar_t>;
   std::vector<scalar_t> Lbuf(N * K), u(K, scalar_t(0)), v(N, scalar_t(0)), cm(K), cs(K);
   scalar_t* L = Lbuf.data();
+  std::vector<scalar_t> Pbuf, lmin, scale;  // P = exp(L) and what the scaling steps need
   const scalar_t e = scalar_t(eps);
   const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
   if (n_iters <= 0) {  // SwAV with no iteration: N * exp(S / eps - logsumexp_all(S / eps))
@@ -137,9 +204,14 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
   }
   const scalar_t logN = std::log(scalar_t(N)), logK = std::log(scalar_t(K));
   const int64_t col_grain = std::max<int64_t>(V::size() * 8, 64);
+  Pbuf.resize(N * K);
+  lmin.assign(K, scalar_t(0));
+  scale.resize(std::max(N, K));
+  scalar_t* P = Pbuf.data();
   at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
     scalar_t* m = cm.data();
     scalar_t* s = cs.data();
+    scalar_t* lm = lmin.data();
     std::fill(m + k0, m + k1, ninf);
     for (int64_t b = 0; b < N; ++b) {  // pass 1: column maxima of S (NaN propagates)
       const scalar_t* row = S + b * K;
@@ -151,38 +223,65 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
     for (int64_t k = k0; k < k1; ++k) m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
     std::fill(s + k0, s + k1, scalar_t(0));
     const V ve(e);
-    for (int64_t b = 0; b < N; ++b) {  // pass 2: L = (S - M) / eps and the first column sums
+    for (int64_t b = 0; b < N; ++b) {  // pass 2: L = (S - M) / eps, P = exp(L), first column sums
       const scalar_t* srow = S + b * K;
       scalar_t* lrow = L + b * K;
+      scalar_t* prow = P + b * K;
       int64_t k = k0;
       for (; k + V::size() <= k1; k += V::size()) {
         const V x = (V::loadu(srow + k) - V::loadu(m + k)) / ve;
         x.store(lrow + k);
-        (V::loadu(s + k) + x.exp()).store(s + k);
+        at::vec::minimum(V::loadu(lm + k), x).store(lm + k);  // NaN propagates
+        const V px = x.exp();
+        px.store(prow + k);
+        (V::loadu(s + k) + px).store(s + k);
       }
       for (; k < k1; ++k) {
         lrow[k] = (srow[k] - m[k]) / e;
-        s[k] += std::exp(lrow[k]);
+        lm[k] = (std::isnan(lrow[k]) || lrow[k] < lm[k]) ? lrow[k] : lm[k];
+        prow[k] = std::exp(lrow[k]);
+        s[k] += prow[k];
       }
     }
     for (int64_t k = k0; k < k1; ++k) u[k] = -logK - std::log(s[k]);
   });
+  // P can stand in for L when no entry of L is below -G (then no P_bk is 0 or subnormal)
+  const scalar_t G = scaling_range<scalar_t>();
+  const auto lrange = max_and_range(lmin.data(), K);  // max of lmin <= 0: range >= -min L
+  const bool p_ok = !std::isnan(lrange.second) && lrange.first - lrange.second >= -G;
   for (int64_t it = 0; it < n_iters; ++it) {
     if (it > 0) {
-      scalar_t vmax = ninf, vmin = -ninf;
-      for (int64_t b = 0; b < N; ++b) {
-        vmax = v[b] > vmax ? v[b] : vmax;
-        vmin = v[b] < vmin ? v[b] : vmin;
+      const auto vr = max_and_range(v.data(), N);
+      if (p_ok && vr.second <= G) {  // exp-free column step
+        for (int64_t b = 0; b < N; ++b) scale[b] = std::exp(v[b] - vr.first);
+        at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
+          col_step_scaled(P, scale.data(), vr.first, N, K, k0, k1, u.data(), cs.data());
+        });
+      } else {
+        scalar_t vmax = ninf, vmin = -ninf;
+        for (int64_t b = 0; b < N; ++b) {
+          vmax = v[b] > vmax ? v[b] : vmax;
+          vmin = v[b] < vmin ? v[b] : vmin;
+        }
+        const bool ok = std::isfinite(vmax) && std::isfinite(vmin) &&
+                        vmax - vmin <= max_shift_gap<scalar_t>();
+        const scalar_t shift = ok ? vmax : std::numeric_limits<scalar_t>::quiet_NaN();
+        at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
+          col_step(L, v.data(), N, K, k0, k1, shift, u.data(), cm.data(), cs.data());
+        });
       }
-      const bool ok = std::isfinite(vmax) && std::isfinite(vmin) &&
-                      vmax - vmin <= max_shift_gap<scalar_t>();
-      const scalar_t shift = ok ? vmax : std::numeric_limits<scalar_t>::quiet_NaN();
-      at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
-        col_step(L, v.data(), N, K, k0, k1, shift, u.data(), cm.data(), cs.data());
-      });
     }
     const bool last = it + 1 == n_iters;
     const int64_t rows = last ? rows_out : N;  // the last row step only matters for the output
+    const auto ur = max_and_range(u.data(), K);
+    if (p_ok && ur.second <= G) {  // exp-free row step
+      for (int64_t k = 0; k < K; ++k) scale[k] = std::exp(u[k] - ur.first);
+      at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+        row_step_scaled(P, scale.data(), ur.first, K, N, r0, r1, v.data(),
+                        last ? codes : static_cast<scalar_t*>(nullptr));
+      });
+      continue;
+    }
     at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> tmp(K);
       if (last) {
