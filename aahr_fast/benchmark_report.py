@@ -449,6 +449,14 @@ def _sweep_markdown(sweep: Sweep, plot_rel: Optional[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def _timer_fact(run: dict) -> str:
+    """What the rows' times are: wall clock or process CPU time (pytest-benchmark's ``--benchmark-timer``)."""
+    timers = sorted({str((b.get("options") or {}).get("timer", "?")) for b in run.get("benchmarks") or []})
+    words = {"perf_counter": "wall clock (time.perf_counter)",
+             "process_time": "CPU time of the process, all threads summed (time.process_time)"}
+    return ", ".join(words.get(t.split(".")[-1], t) for t in timers) or "?"
+
+
 def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] = None) -> list[tuple[str, str]]:
     mi = run.get("machine_info") or {}
     aahr = mi.get("aahr") or {}
@@ -463,6 +471,7 @@ def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] 
         ("CPU capability (torch)", str(aahr.get("cpu_capability", "?"))),
         ("intra-op threads", f"{aahr.get('torch_threads_default', '?')} (AAHR_BENCH_THREADS: "
                              f"{aahr.get('bench_threads', '?')}); each row's count is in its group name (T1, T2)"),
+        ("timer", _timer_fact(run)),
         ("GPU", str(aahr.get("cuda_device") or "none")),
         ("torch / triton / numpy", f"{aahr.get('torch', '?')} / {aahr.get('triton', '?')} / {aahr.get('numpy', '?')}"),
         ("python", str(aahr.get("python") or mi.get("python_version", "?"))),
@@ -476,8 +485,10 @@ def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] 
                          " (conftest import to JSON write)")))
     if cpu_time is not None or _is_num(suite.get("cpu_s")):
         cpu = cpu_time if cpu_time is not None else float(suite["cpu_s"]) + float(suite.get("cpu_s_children") or 0.0)
-        facts.append(("suite CPU time (user + sys)", f"{cpu:.0f} s ({cpu / 60:.1f} min; about the wall time on an "
-                      f"idle machine, the rows being single-threaded)"
+        multi = any(t.strip() not in ("", "1") for t in str(aahr.get("bench_threads", "1")).split("(")[0].split(","))
+        why = ("above the wall time: the T2 rows keep two cores busy" if multi else
+               "about the wall time on an idle machine, the rows being single-threaded")
+        facts.append(("suite CPU time (user + sys)", f"{cpu:.0f} s ({cpu / 60:.1f} min; {why})"
                       + (" (given on the command line)" if cpu_time is not None else "")))
     if suite.get("loadavg_start") or suite.get("loadavg_end"):
         la0, la1 = suite.get("loadavg_start"), suite.get("loadavg_end")

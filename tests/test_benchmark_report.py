@@ -125,6 +125,27 @@ def test_run_facts_and_coverage(run_json, tmp_path):
            f"--wall-time 600` from one run" in md2
 
 
+def test_run_facts_name_the_timer_and_the_thread_counts(tmp_path):
+    run = fixture_run()
+    md = br.write_report(_dump(run, tmp_path / "a.json"), tmp_path / "A.md", None)
+    assert "| timer | ? |" in md and "the rows being single-threaded" in md  # the fixture records no timer
+    for b in run["benchmarks"]:
+        b["options"] = {"timer": "time.process_time"}
+    run["machine_info"]["aahr"]["bench_threads"] = "1,2"
+    md = br.write_report(_dump(run, tmp_path / "b.json"), tmp_path / "B.md", None)
+    assert "| timer | CPU time of the process, all threads summed (time.process_time) |" in md
+    assert "above the wall time: the T2 rows keep two cores busy" in md and "single-threaded" not in md
+    for b in run["benchmarks"]:
+        b["options"] = {"timer": "perf_counter"}
+    md = br.write_report(_dump(run, tmp_path / "c.json"), tmp_path / "C.md", None)
+    assert "| timer | wall clock (time.perf_counter) |" in md
+
+
+def _dump(run: dict, path: Path) -> Path:
+    path.write_text(json.dumps(run))
+    return path
+
+
 def test_sweep_exponents_table_and_plots(run_json, tmp_path):
     plots = tmp_path / "docs" / "benchmarks"
     md = br.write_report(run_json, tmp_path / "docs" / "BENCHMARKS.md", plots)
