@@ -4,7 +4,8 @@ Documented behaviours pinned here:
 * ties in a max (exactly equal scores) send the gradient to the lowest index, in both backends;
 * a NaN in a valid slot makes the scores of every pair containing it NaN (NaN in padding is ignored);
 * all-zero feature vectors have cosine 0 with everything and finite (zero-norm-safe) gradients;
-* the C++ backward is deterministic: bitwise identical for 1 and 2 threads.
+* the C++ backward is deterministic: bitwise identical for 1 and 2 threads;
+* a 1K x 5K gallery runs in one C++ call with O(Bi*Bt) extra memory (the reference: ``chunk_size``).
 The first test to run builds the extension if its sources changed (tens of seconds, once).
 """
 from __future__ import annotations
@@ -177,6 +178,93 @@ def test_cpp_backward_is_deterministic_across_thread_counts(cpp, monkeypatch):
         grads.append((t2i.detach(), r.grad, w.grad))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_cpp_caption_scores_the_same_alone_as_inside_a_padded_batch(cpp):
+    """Variable lengths, C++ backend: every (image, caption) pair scores the same when the two are run alone
+    (no padding at all) as inside a padded batch whose padding holds garbage (NaN regions, huge words)."""
+    regions, rl, words, wl = _case(3, 5, 4, 6, 8, seed=4)
+    rl, wl = torch.tensor([5, 2, 1]), torch.tensor([6, 1, 4, 2])
+    for i in range(3):
+        regions[i, rl[i]:] = float("nan")
+    for j in range(4):
+        words[j, wl[j]:] = 1e6
+    t2i, i2t = ops.fragment_word_relevance(regions, rl, words, wl, backend="cpp")
+    hard = ops.hard_assignment_similarity(regions, rl, words, wl, agg="lse", temperature=0.3, backend="cpp")
+    assert torch.isfinite(t2i).all() and torch.isfinite(i2t).all() and torch.isfinite(hard).all()
+    for i in range(3):
+        for j in range(4):
+            r1, w1 = regions[i:i + 1, : rl[i]], words[j:j + 1, : wl[j]]
+            a, b = ops.fragment_word_relevance(r1, rl[i:i + 1], w1, wl[j:j + 1], backend="cpp")
+            h = ops.hard_assignment_similarity(r1, rl[i:i + 1], w1, wl[j:j + 1], agg="lse", temperature=0.3,
+                                               backend="cpp")
+            torch.testing.assert_close(t2i[j, i], a[0, 0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(i2t[i, j], b[0, 0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(hard[i, j], h[0, 0], rtol=1e-12, atol=1e-12)
+
+
+def _peak_extra_bytes(fn):
+    """(peak of the torch CPU allocator's running total during ``fn()``, result): the extra memory of one call
+    (the method of benchmarks/conftest.py: raw allocation events of the profiler with profile_memory=True)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = []
+
+    def walk(node):
+        size = getattr(node.extra_fields, "alloc_size", None)
+        if size is not None:
+            events.append((node.start_time_ns, size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    run = peak = 0
+    for _, size in sorted(events):
+        run += size
+        peak = max(peak, run)
+    return peak, out
+
+
+def test_cpp_gallery_1k_x_5k_needs_o_bi_bt_extra_memory(cpp):
+    """A 1K-image x 5K-caption gallery (the 1K test protocol's shape) in one call: the tiled C++ op's extra
+    memory is its two (Bi, Bt) outputs plus small per-thread tiles, never the (Bt, Bi, L, N) score tensor
+    (572 MiB here); spot-checked pairs equal the reference run on those pairs alone."""
+    g = torch.Generator().manual_seed(5)
+    bi, bt, n, l, d = 1000, 5000, 6, 5, 8
+    regions, words = torch.randn(bi, n, d, generator=g), torch.randn(bt, l, d, generator=g)
+    rl, wl = torch.randint(1, n + 1, (bi,), generator=g), torch.randint(1, l + 1, (bt,), generator=g)
+    out_bytes = bi * bt * regions.element_size()
+    full_4d = out_bytes * n * l
+    slack = 8 * 2**20  # tile buffers (1 MiB per thread at the default 512x512 tile), packed inputs, norms
+    peak, (t2i, i2t) = _peak_extra_bytes(lambda: ops.fragment_word_relevance(regions, rl, words, wl, backend="cpp"))
+    assert t2i.shape == (bt, bi) and i2t.shape == (bi, bt)
+    assert peak <= 2 * out_bytes + slack < full_4d / 10, (peak, out_bytes)
+    peak_h, hard = _peak_extra_bytes(lambda: ops.hard_assignment_similarity(regions, rl, words, wl, backend="cpp"))
+    assert hard.shape == (bi, bt) and peak_h <= out_bytes + slack, (peak_h, out_bytes)
+    ii, jj = torch.tensor([0, 499, 999]), torch.tensor([0, 2500, 4999])
+    a, b = ops.fragment_word_relevance(regions[ii], rl[ii], words[jj], wl[jj], backend="reference")
+    torch.testing.assert_close(t2i[jj][:, ii], a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(i2t[ii][:, jj], b, rtol=1e-5, atol=1e-6)
+    h = ops.hard_assignment_similarity(regions[ii], rl[ii], words[jj], wl[jj], backend="reference")
+    torch.testing.assert_close(hard[ii][:, jj], h, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_chunked_mode_bounds_its_score_buffer():
+    """The reference's gallery mode: ``chunk_size`` images at a time keep the (Bt, chunk, L, N) buffers, so
+    the peak extra memory shrinks with the chunk while the scores stay the same."""
+    regions, rl, words, wl = _case(40, 6, 400, 5, 8, dtype=torch.float32, seed=6)
+    outs, peaks = [], []
+    for chunk in (None, 4):
+        peak, out = _peak_extra_bytes(
+            lambda: ops.fragment_word_relevance(regions, rl, words, wl, chunk_size=chunk, backend="reference"))
+        peaks.append(peak)
+        outs.append(out)
+    assert peaks[1] < peaks[0] / 4, peaks
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_empty_batch_and_bad_packed_input_raise(cpp):
