@@ -123,6 +123,7 @@ def intra_relevance(x: torch.Tensor, sigma: float = 1.0, *, backend: Optional[st
     Returns:
         (B, B) tensor in (0, 1], dtype of ``x``; the diagonal is exactly 1. Differentiable w.r.t. ``x``
         with a safe square root: at zero distance (the diagonal, duplicate rows) the gradient is 0, never NaN.
+        A NaN in row i of ``x`` makes row and column i NaN except the diagonal entry (still 1); no error.
     Raises:
         DataError: ``x`` not 2-D floating, or empty (B = 0 or D = 0).
         ConfigError: ``sigma`` not > 0; unknown backend.
@@ -178,7 +179,8 @@ def instance_correlation(
     """Instance graph of a batch of B images and B captions (2B nodes, images first).
 
     * intra connection: top-rho of each row of ``v v^T`` (images) and ``t t^T`` (captions);
-    * inter connection: top-rho of each row of ``rel_i2t`` (image -> captions) and ``rel_t2i``;
+    * inter connection: top-rho of each row of ``rel_i2t`` (image -> captions) and ``rel_t2i``
+      (in every block, ties go to the lower column index, as in :func:`topk_connection`);
     * relevance ``[[A_ii, rel_i2t], [rel_t2i, A_tt]]`` with ``A_ii = intra_relevance(v, sigma)``,
       ``A_tt = intra_relevance(t, sigma)``;
     * ``attn_bias = lam * relevance`` where connected, ``-inf`` elsewhere (HREM's relation mask, lambda
@@ -187,6 +189,9 @@ def instance_correlation(
     Gradients flow to ``v`` and ``t`` through ``A_ii`` / ``A_tt`` only; the connection is computed without
     gradient and ``rel_i2t`` / ``rel_t2i`` are taken as given constants (detached; AAHR computes them from
     detached fragments with :func:`fragment_word_relevance`).
+    NaN is not refused here (unlike :func:`topk_connection`) but stays visible: a NaN ranking score ranks
+    first (connected), a NaN row of ``v`` / ``t`` gives NaN relevance off the diagonal of its row and column,
+    and a NaN in ``rel_i2t`` / ``rel_t2i`` is copied into ``relevance`` and ``attn_bias``.
     Source: aahr-method.md section 2.6 (paper Eq. (10); HREM).
 
     Args:

@@ -231,7 +231,8 @@ def hard_assignment_similarity(
         chunk_size: images per chunk in the reference; ignored by the C++ backend.
         backend: as in :func:`fragment_word_relevance`.
     Returns:
-        (Bi, Bt) similarities, input dtype; differentiable (ties -> lowest region index).
+        (Bi, Bt) similarities, input dtype; differentiable (ties -> lowest region index). A NaN in a valid
+        slot makes the pairs that contain it NaN; NaN in padding is ignored.
     Raises:
         DataError / ConfigError / BackendUnavailableError: as in :func:`fragment_word_relevance`, plus
         ConfigError for an unknown ``agg`` or a non-positive ``temperature``.

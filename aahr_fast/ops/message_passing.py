@@ -64,7 +64,9 @@ def gcn_layer(
         negative_slope: >= 0.
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
-        (n, Dout), promoted floating dtype; differentiable w.r.t. every input.
+        (n, Dout), promoted floating dtype; differentiable w.r.t. every input. NaN is not checked: a NaN in
+        ``x`` / ``weight`` / ``adj`` / ``bias`` spreads through the products to every output it reaches (with a
+        dense ``adj``: every row).
     Raises:
         DataError: ranks or sizes inconsistent (named), different devices, empty.
         ConfigError: negative ``negative_slope``.
@@ -108,7 +110,9 @@ def masked_attention(
         bias: (n, n) shared by all heads, or (H, n, n); floating, may require grad.
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
-        (H, n, dh), promoted floating dtype; differentiable w.r.t. q, k, v and bias.
+        (H, n, dh), promoted floating dtype; differentiable w.r.t. q, k, v and bias. NaN is not checked: a
+        NaN in q / k / v or in a finite bias entry makes the output rows that see it NaN (fully masked rows
+        stay 0).
     Raises:
         DataError: ranks or sizes inconsistent (named), different devices, empty.
     """

@@ -78,7 +78,9 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3, *, backen
         n_iters: int >= 1.
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
-        (B, K) codes, dtype of ``scores``, non-negative, each row summing to 1. No gradient.
+        (B, K) codes, dtype of ``scores``, non-negative, each row summing to 1. No gradient. No argmax, so
+        no tie rule: identical score columns get identical codes. NaN is not checked: one NaN score makes
+        every code NaN (the normalisations spread it).
     Raises:
         DataError: ``scores`` not 2-D floating or empty. ConfigError: bad ``eps`` or ``n_iters``.
     """
@@ -120,7 +122,7 @@ def swapped_prediction_loss(
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
         0-dim tensor (nats), promoted floating dtype; gradient to x_v, x_t and prototypes, none through
-        the codes.
+        the codes. NaN is not checked: a NaN in any input (queues included) makes the loss NaN.
     Raises:
         DataError: ranks or sizes inconsistent (named), different devices, empty batch.
         ConfigError: bad eps / n_iters / tau.
