@@ -992,32 +992,10 @@ def _ranked_lists(s, query_objs, item_objs, top_k, item_fold, fold_k, chunk_size
 # measurement entry point: python -m aahr_fast.evaluation --bench
 
 
-def _peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of the torch allocator's events while ``fn`` runs (bytes above the start).
-
-    Exact for torch CPU allocations (toolchain.md); numpy/Python memory is not seen.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    sizes = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        ev = stack.pop()
-        stack.extend(ev.children)
-        size = getattr(ev.extra_fields, "alloc_size", None)
-        if size is not None:
-            sizes.append((ev.start_time_ns, size))
-    run = peak = 0
-    for _, size in sorted(sizes):
-        run += size
-        peak = max(peak, run)
-    return peak
-
-
 def _bench_main() -> None:  # pragma: no cover - measurement script
     import time
+
+    from .utils.memory import peak_extra_bytes
 
     torch.set_num_threads(1)
     for n in (1000, 5000):
@@ -1031,7 +1009,7 @@ def _bench_main() -> None:  # pragma: no cover - measurement script
             t0 = time.perf_counter()
             recall_metrics(s, ci)
             times.append(time.perf_counter() - t0)
-        peak = _peak_extra_bytes(lambda: recall_metrics(s, ci))
+        peak, _ = peak_extra_bytes(recall_metrics, s, ci)
         print(
             f"{n} x {m}: median {sorted(times)[1]:.3f} s over 3 runs (1 thread), peak extra torch allocation "
             f"{peak / 2**20:.1f} MiB on top of the {s.numel() * 4 / 2**20:.0f} MiB matrix"

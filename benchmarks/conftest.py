@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from aahr_fast.utils import memory as _memory
+
 
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` (pytest's default pattern is ``test_*.py``) unless named explicitly."""
@@ -57,38 +59,10 @@ def threads(request) -> int:
 
 
 def peak_extra_bytes(fn: Callable, *args, device: str = "cpu", **kwargs) -> tuple[int, object]:
-    """(peak extra bytes, result) of one call ``fn(*args, **kwargs)``.
-
-    The running sum of the profiler's raw allocator events (``nbytes`` > 0 alloc, < 0 free) of
-    ``device``'s type (``"cpu"`` or ``"cuda"``: the CUDA caching allocator reports its blocks to the same
-    profiler) in time order; its maximum is the peak extra memory. Exact for the torch allocators.
-    A CUDA call is synchronised before the profiler stops.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    dev_type = torch.device(device).type
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(*args, **kwargs)
-        synchronize(dev_type)
-    events = []
-
-    def walk(node):
-        size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None:
-            ev_dev = getattr(node.extra_fields, "device", None)
-            if ev_dev is None or ev_dev.type == dev_type:
-                events.append((node.start_time_ns, size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort()
-    run = peak = 0
-    for _, size in events:
-        run += size
-        peak = max(peak, run)
-    return peak, out
+    """(peak extra bytes, result) of one call ``fn(*args, **kwargs)``: :func:`aahr_fast.utils.memory.peak_extra_bytes`
+    (the running sum of the profiler's raw allocator events of ``device``'s type; exact for the torch
+    allocators; a CUDA call is synchronised before the profiler stops)."""
+    return _memory.peak_extra_bytes(fn, *args, device=device, **kwargs)
 
 
 def synchronize(device: str = "cpu") -> None:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import aahr_fast.ops as ops
 from aahr_fast.ops import _dispatch, _ext
 from aahr_fast.utils.errors import DataError
+from aahr_fast.utils.memory import peak_extra_bytes
 
 from _ops_helpers import require_cpp_extension
 
@@ -203,31 +204,6 @@ def test_cpp_caption_scores_the_same_alone_as_inside_a_padded_batch(cpp):
             torch.testing.assert_close(hard[i, j], h[0, 0], rtol=1e-12, atol=1e-12)
 
 
-def _peak_extra_bytes(fn):
-    """(peak of the torch CPU allocator's running total during ``fn()``, result): the extra memory of one call
-    (the method of benchmarks/conftest.py: raw allocation events of the profiler with profile_memory=True)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = []
-
-    def walk(node):
-        size = getattr(node.extra_fields, "alloc_size", None)
-        if size is not None:
-            events.append((node.start_time_ns, size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    run = peak = 0
-    for _, size in sorted(events):
-        run += size
-        peak = max(peak, run)
-    return peak, out
-
-
 def test_cpp_gallery_1k_x_5k_needs_o_bi_bt_extra_memory(cpp):
     """A 1K-image x 5K-caption gallery (the 1K test protocol's shape) in one call: the tiled C++ op's extra
     memory is its two (Bi, Bt) outputs plus small per-thread tiles, never the (Bt, Bi, L, N) score tensor
@@ -239,10 +215,10 @@ def test_cpp_gallery_1k_x_5k_needs_o_bi_bt_extra_memory(cpp):
     out_bytes = bi * bt * regions.element_size()
     full_4d = out_bytes * n * l
     slack = 8 * 2**20  # tile buffers (1 MiB per thread at the default 512x512 tile), packed inputs, norms
-    peak, (t2i, i2t) = _peak_extra_bytes(lambda: ops.fragment_word_relevance(regions, rl, words, wl, backend="cpp"))
+    peak, (t2i, i2t) = peak_extra_bytes(lambda: ops.fragment_word_relevance(regions, rl, words, wl, backend="cpp"))
     assert t2i.shape == (bt, bi) and i2t.shape == (bi, bt)
     assert peak <= 2 * out_bytes + slack < full_4d / 10, (peak, out_bytes)
-    peak_h, hard = _peak_extra_bytes(lambda: ops.hard_assignment_similarity(regions, rl, words, wl, backend="cpp"))
+    peak_h, hard = peak_extra_bytes(lambda: ops.hard_assignment_similarity(regions, rl, words, wl, backend="cpp"))
     assert hard.shape == (bi, bt) and peak_h <= out_bytes + slack, (peak_h, out_bytes)
     ii, jj = torch.tensor([0, 499, 999]), torch.tensor([0, 2500, 4999])
     a, b = ops.fragment_word_relevance(regions[ii], rl[ii], words[jj], wl[jj], backend="reference")
@@ -258,7 +234,7 @@ def test_reference_chunked_mode_bounds_its_score_buffer():
     regions, rl, words, wl = _case(40, 6, 400, 5, 8, dtype=torch.float32, seed=6)
     outs, peaks = [], []
     for chunk in (None, 4):
-        peak, out = _peak_extra_bytes(
+        peak, out = peak_extra_bytes(
             lambda: ops.fragment_word_relevance(regions, rl, words, wl, chunk_size=chunk, backend="reference"))
         peaks.append(peak)
         outs.append(out)
