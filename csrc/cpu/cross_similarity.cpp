@@ -134,9 +134,11 @@ struct Geometry {
 };
 
 // Tile size target in fragments (rows = words, cols = regions). AAHR_XSIM_TILE="ROWSxCOLS" fixes it
-// (tests, tuning); otherwise 512x512 (a 1 MiB float32 score buffer: measured 89-94% of the fp32 torch.mm
-// rate at B=128, D=1024 on one thread, vs 81-83% for 128x128), halved while the grid is too coarse for
-// the thread count (forward: >= 2 tiles per thread; backward rounds: >= 1 tile per thread per round).
+// (tests, tuning); otherwise 1024x1024 on one thread (a 4 MiB float32 score buffer: 3% faster than
+// 512x512 at B=128, N=36/49, D=1024, AVX-512 build) and 512x512 with more threads (1 MiB per thread:
+// measured 89-94% of the fp32 torch.mm rate, vs 81-83% for 128x128; 1024-wide tiles leave two threads
+// with unequal shares of a B=128 batch, 1.3x slower), halved while the grid is too coarse for the thread
+// count (forward: >= 2 tiles per thread; backward rounds: >= 1 tile per thread per round).
 bool tile_target_from_env(int64_t& rows, int64_t& cols) {
   if (const char* env = std::getenv("AAHR_XSIM_TILE")) {
     long r = 0, c = 0;
@@ -167,11 +169,11 @@ Geometry make_geometry(const at::Tensor& region_lens, const at::Tensor& word_len
   g.woff = offsets_of(word_lens);
   for (int64_t i = 0; i < g.bi; ++i) g.max_n = std::max(g.max_n, g.roff[i + 1] - g.roff[i]);
   for (int64_t j = 0; j < g.bt; ++j) g.max_l = std::max(g.max_l, g.woff[j + 1] - g.woff[j]);
-  int64_t target_rows = 512, target_cols = 512;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  int64_t target_rows = nt == 1 ? 1024 : 512, target_cols = target_rows;
   if (tile_target_from_env(target_rows, target_cols)) {
     set_blocks(g, target_rows, target_cols);
   } else {
-    const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
     for (;;) {
       set_blocks(g, target_rows, target_cols);
       const bool enough = g.n_cblk * g.n_iblk >= 2 * nt && std::min(g.n_cblk, g.n_iblk) >= nt;
