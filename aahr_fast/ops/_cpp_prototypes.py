@@ -5,8 +5,9 @@ Registered into :mod:`aahr_fast.ops._dispatch` for :func:`~aahr_fast.ops.sinkhor
 :func:`~aahr_fast.ops.swapped_prediction_loss`, with the semantics of the references in
 :mod:`aahr_fast.ops.prototypes` (aahr-method.md 2.5 and 3 item 2; SwAV):
 
-* ``sinkhorn``: SwAV Sinkhorn-Knopp in the log domain with dual potentials (two log-sum-exp sweeps per
-  iteration, no (K, B) temporaries); the codes are ``softmax_k(S / eps + u)``;
+* ``sinkhorn``: SwAV Sinkhorn-Knopp with dual potentials (exp-free scaling steps on ``exp(S / eps)`` while every
+  factor is within exp(-G) of 1, log-sum-exp sweeps otherwise; no (K, B) transpose); the codes are
+  ``softmax_k(S / eps + u)``;
 * ``swapped_prediction_loss``: the scores of the batch and of the queues are written by GEMMs into one
   buffer, the two Sinkhorn problems, both log-softmaxes, the loss and its closed-form score gradient
   ``dS = (p * sum(q) - q) / (B tau)`` come from one C++ call; the backward is two GEMMs
@@ -52,7 +53,8 @@ class _SwappedPredictionFn(torch.autograd.Function):
 def sinkhorn_cpp(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3) -> torch.Tensor:
     """C++ implementation of :func:`aahr_fast.ops.sinkhorn`: (B, K) codes, rows summing to 1, no gradient.
 
-    Extra memory: one (B, K) copy of ``scores / eps``.
+    Extra memory besides the codes: two (B, K) scratch buffers (``scores / eps`` and its exp), taken from the
+    torch allocator, so :func:`aahr_fast.utils.memory.peak_extra_bytes` counts them.
     """
     s = scores.detach()
     out_dtype = s.dtype
@@ -75,7 +77,7 @@ def swapped_prediction_loss_cpp(
     """C++ implementation of :func:`aahr_fast.ops.swapped_prediction_loss` (same arguments, value, gradients).
 
     Extra memory: the ((B + Qv) + (B + Qt), K) scores, the (2B, K) codes and the (2B, K) score gradient
-    kept for the backward.
+    kept for the backward, plus two ((B + Q), K) Sinkhorn scratch buffers while each modality's codes are computed.
     """
     if x_v.dtype not in _CPP_DTYPES:
         return swapped_prediction_loss_reference(x_v, x_t, prototypes, eps=eps, n_iters=n_iters, tau=tau,
