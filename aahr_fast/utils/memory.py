@@ -20,6 +20,13 @@ def peak_extra_bytes(fn: Callable, *args, device: str = "cpu", **kwargs) -> tupl
     extra memory above what was allocated before it. A CUDA call is synchronised before the profiler
     stops.
 
+    Not seen: memory outside the torch allocators (numpy, Python objects, ``std::vector`` in C++ kernels) and
+    torch allocations made on other threads than the caller's (``at::parallel_for`` / OpenMP workers, Python
+    threads): the profiler's memory reporting is thread-local. Measured: 8 MiB allocated in a Python thread
+    during the call are not counted; with two intra-op threads the C++ cross-similarity op's peak counts one
+    of its two 1 MiB per-thread tile buffers. Kernels whose scratch should be counted allocate it with
+    ``at::empty`` on the calling thread.
+
     Args:
         fn: the call to measure; ``args`` / ``kwargs`` are passed to it.
         device: ``"cpu"`` or a CUDA device (string or ``torch.device``): whose allocations are counted.
