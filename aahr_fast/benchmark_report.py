@@ -486,8 +486,19 @@ def _run_facts(run: dict, wall_time: Optional[float], cpu_time: Optional[float] 
     if cpu_time is not None or _is_num(suite.get("cpu_s")):
         cpu = cpu_time if cpu_time is not None else float(suite["cpu_s"]) + float(suite.get("cpu_s_children") or 0.0)
         multi = any(t.strip() not in ("", "1") for t in str(aahr.get("bench_threads", "1")).split("(")[0].split(","))
-        why = ("above the wall time: the T2 rows keep two cores busy" if multi else
-               "about the wall time on an idle machine, the rows being single-threaded")
+        # the remark must agree with the two numbers it sits next to
+        ratio = cpu / float(wall) if wall is not None and float(wall) > 0 else None
+        if multi:
+            if ratio is None:
+                why = "the T2 rows can keep two cores busy"
+            elif ratio > 1.05:
+                why = "above the wall time: the T2 rows keep two cores busy"
+            else:
+                why = f"{ratio:.2f}x the wall time, although the T2 rows can keep two cores busy"
+        elif ratio is None or 0.85 <= ratio <= 1.15:
+            why = "about the wall time on an idle machine, the rows being single-threaded"
+        else:
+            why = f"{ratio:.2f}x the wall time, the rows being single-threaded"
         facts.append(("suite CPU time (user + sys)", f"{cpu:.0f} s ({cpu / 60:.1f} min; {why})"
                       + (" (given on the command line)" if cpu_time is not None else "")))
     if suite.get("loadavg_start") or suite.get("loadavg_end"):

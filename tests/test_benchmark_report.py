@@ -132,9 +132,14 @@ def test_run_facts_name_the_timer_and_the_thread_counts(tmp_path):
     for b in run["benchmarks"]:
         b["options"] = {"timer": "time.process_time"}
     run["machine_info"]["aahr"]["bench_threads"] = "1,2"
-    md = br.write_report(_dump(run, tmp_path / "b.json"), tmp_path / "B.md", None)
+    md = br.write_report(_dump(run, tmp_path / "b.json"), tmp_path / "B.md", None, cpu_time=200.0)
     assert "| timer | CPU time of the process, all threads summed (time.process_time) |" in md
-    assert "above the wall time: the T2 rows keep two cores busy" in md and "single-threaded" not in md
+    assert "200 s (3.3 min; above the wall time: the T2 rows keep two cores busy)" in md
+    assert "single-threaded" not in md
+    # the remark follows the numbers: 120 s of CPU time in 123.4 s of wall time is not "above the wall time"
+    md = br.write_report(_dump(run, tmp_path / "b2.json"), tmp_path / "B2.md", None)
+    assert "120 s (2.0 min; 0.97x the wall time, although the T2 rows can keep two cores busy)" in md
+    assert "above the wall time" not in md
     for b in run["benchmarks"]:
         b["options"] = {"timer": "perf_counter"}
     md = br.write_report(_dump(run, tmp_path / "c.json"), tmp_path / "C.md", None)
