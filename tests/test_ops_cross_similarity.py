@@ -204,6 +204,35 @@ def test_cpp_caption_scores_the_same_alone_as_inside_a_padded_batch(cpp):
             torch.testing.assert_close(hard[i, j], h[0, 0], rtol=1e-12, atol=1e-12)
 
 
+def test_cpp_tile_buffers_of_every_thread_are_counted(cpp, monkeypatch):
+    """The per-thread score tiles are allocated by the calling thread (the profiler measure sees only its
+    allocations): with a fixed 128 x 128 tile, 2 threads need exactly one more 64 KiB tile than 1 thread,
+    forward and backward."""
+    monkeypatch.setenv("AAHR_XSIM_TILE", "128x128")
+    regions, rl, words, wl = _case(64, 8, 64, 8, 16, dtype=torch.float32, seed=7)
+    rl, wl = torch.full((64,), 8), torch.full((64,), 8)  # full lengths: 16 images / captions per 128-row tile
+    tile = 128 * 128 * 4
+
+    def fwd_bwd():
+        r, w = regions.clone().requires_grad_(), words.clone().requires_grad_()
+        a, b = ops.fragment_word_relevance(r, rl, w, wl, backend="cpp")
+        return torch.autograd.grad(a.sum() + b.sum(), [r, w])
+
+    before = torch.get_num_threads()
+    peaks = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                fwd, _ = peak_extra_bytes(lambda: ops.fragment_word_relevance(regions, rl, words, wl, backend="cpp"))
+            both, _ = peak_extra_bytes(fwd_bwd)
+            peaks[threads] = (fwd, both)
+    finally:
+        torch.set_num_threads(before)
+    assert peaks[2][0] - peaks[1][0] == tile, peaks
+    assert peaks[2][1] - peaks[1][1] == tile, peaks
+
+
 def test_cpp_gallery_1k_x_5k_needs_o_bi_bt_extra_memory(cpp):
     """A 1K-image x 5K-caption gallery (the 1K test protocol's shape) in one call: the tiled C++ op's extra
     memory is its two (Bi, Bt) outputs plus small per-thread tiles, never the (Bt, Bi, L, N) score tensor

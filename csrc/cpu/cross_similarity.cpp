@@ -208,13 +208,21 @@ struct Scratch {
         rowarg(l) {}
 };
 
-// A thread's tile buffer of max_rows x max_cols scores, from the torch allocator (so that memory
-// profiling of the op sees it).
+// One tile buffer of max_rows x max_cols scores per intra-op thread, allocated once by the calling thread
+// from the torch allocator (so that the profiler-based memory measure, which sees only the calling
+// thread's allocations, counts every thread's buffer); thread t uses data(at::get_thread_num()).
 template <typename T>
-struct TileBuffer {
+struct TileBuffers {
   at::Tensor storage;
-  TileBuffer(const Geometry& g, const at::Tensor& like) : storage(at::empty({g.max_rows * g.max_cols}, like.options())) {}
-  T* data() { return storage.data_ptr<T>(); }
+  int64_t stride;
+  TileBuffers(const Geometry& g, const at::Tensor& like)
+      : storage(at::empty({std::max<int64_t>(1, at::get_num_threads()), g.max_rows * g.max_cols}, like.options())),
+        stride(g.max_rows * g.max_cols) {}
+  T* data(int64_t thread) {
+    TORCH_CHECK(thread >= 0 && thread < storage.size(0), "tile buffer for thread ", thread, " of ",
+                storage.size(0));
+    return storage.data_ptr<T>() + thread * stride;
+  }
 };
 
 // One tile's raw scores: buf (rows x cols) = W[row0:row0+rows] @ R[col0:col0+cols]^T.
@@ -335,21 +343,22 @@ template <typename T>
 void forward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, Mode mode, T slope, T eps,
                   T temperature, const T* ir, const T* iw, T* out_a, T* out_b) {
   const int64_t n_tiles = g.n_cblk * g.n_iblk;
+  TileBuffers<T> bufs(g, R);
   at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record autograd
-    TileBuffer<T> buf(g, R);
+    T* const buf = bufs.data(at::get_thread_num());
     Scratch<T> sc(g.max_n, g.max_l);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t cb = t / g.n_iblk, ib = t % g.n_iblk;
       const int64_t j0 = g.j0(cb), j1 = g.j1(cb), i0 = g.i0(ib), i1 = g.i1(ib);
       const int64_t row0 = g.woff[j0], rows = g.woff[j1] - row0;
       const int64_t col0 = g.roff[i0], cols = g.roff[i1] - col0;
-      tile_scores(buf.data(), W, R, row0, rows, col0, cols);
+      tile_scores(buf, W, R, row0, rows, col0, cols);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t L = g.woff[j + 1] - g.woff[j];
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t N = g.roff[i + 1] - g.roff[i];
-          T* p = buf.data() + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
+          T* p = buf + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
           if (mode == Mode::Relevance) {
             relevance_pair_forward(p, cols, L, N, iw + g.woff[j], ir + g.roff[i], slope, eps, sc,
                                    out_a[j * g.bi + i], out_b[i * g.bt + j]);
@@ -499,19 +508,20 @@ template <typename T>
 void backward_impl(const at::Tensor& R, const at::Tensor& W, const Geometry& g, Mode mode, T slope, T eps,
                    T temperature, const T* ir, const T* iw, const T* grad_a, const T* grad_b, at::Tensor& dR,
                    at::Tensor& dW, T* gr, T* gw) {
+  TileBuffers<T> bufs(g, R);
   for_each_tile_conflict_free(g.n_cblk, g.n_iblk, [&](int64_t cb, int64_t ib) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record autograd
-    TileBuffer<T> buf(g, R);
+    T* const buf = bufs.data(at::get_thread_num());
     Scratch<T> sc(g.max_n, g.max_l);
     const int64_t j0 = g.j0(cb), j1 = g.j1(cb), i0 = g.i0(ib), i1 = g.i1(ib);
     const int64_t row0 = g.woff[j0], rows = g.woff[j1] - row0;
     const int64_t col0 = g.roff[i0], cols = g.roff[i1] - col0;
-    at::Tensor tile = tile_scores(buf.data(), W, R, row0, rows, col0, cols);
+    at::Tensor tile = tile_scores(buf, W, R, row0, rows, col0, cols);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t L = g.woff[j + 1] - g.woff[j];
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t N = g.roff[i + 1] - g.roff[i];
-        T* p = buf.data() + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
+        T* p = buf + (g.woff[j] - row0) * cols + (g.roff[i] - col0);
         const T* iwp = iw + g.woff[j];
         const T* irp = ir + g.roff[i];
         if (mode == Mode::Relevance) {
