@@ -195,6 +195,27 @@ def test_attention_two_threads():
     _compare(_attn, _attn_inputs(4, 67, 8, torch.float64, masked_rows=(3,)), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_attention_is_bitwise_identical_at_one_and_two_threads(per_head):
+    """The heads run in parallel with the same arithmetic per head, and a shared bias sums its gradient
+    over the heads in head order: outputs and every gradient are bitwise equal at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(11)
+    inputs = _attn_inputs(5, 67, 16, torch.float32, masked_rows=(3,), per_head=per_head, gen=gen)
+    upstream = torch.randn(5, 67, 16, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs = [x.detach().clone().requires_grad_() for x in inputs]
+            out = ops.masked_attention(*xs, backend="cpp")
+            results.append([out.detach()] + list(torch.autograd.grad((out * upstream).sum(), xs)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_attention_errors():
     z = torch.zeros(2, 0, 4)
     with pytest.raises(DataError, match="empty"):
