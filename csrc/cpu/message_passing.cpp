@@ -10,15 +10,12 @@
 //
 // masked_attention:  P = softmax_j(q_i . k_j / sqrt(dh) + bias_ij),  out = P v  (per head)
 //   bias (n, n) shared by the heads or (H, n, n); -inf marks "not connected"; a row with no
-//   connection (all -inf) gets P = 0, out = 0 and zero gradients. The heads run in parallel (one
-//   parallel region per call; each thread runs whole heads with single-threaded GEMMs, so a head's
-//   (n, n) block stays in its core's cache and the arithmetic is the same at any thread count):
-//   forward = GEMM for the logits, one fused pass per row (scale, bias, max, exp, normalise,
-//   fully-masked rows) in place, GEMM for P v; the probabilities P are kept.
-//   Backward: dP = dO v^T into the head's (n, n) slice of an (H, n, n) buffer; a fused pass per row
-//   turns it into dS = P * (dP - sum_j P dP) (copied into d_bias for a per-head bias); then
-//   dq = (dS k) / sqrt(dh), dk = (dS^T q) / sqrt(dh), dv = P^T dO; a bias shared by the heads gets
-//   d_bias = sum over heads of dS, in head order (deterministic).
+//   connection (all -inf) gets P = 0, out = 0 and zero gradients. Head by head (the head's (n, n)
+//   block stays in cache): forward = GEMM for the logits, one fused pass per row (scale, bias,
+//   max, exp, normalise, fully-masked rows) in place, GEMM for P v; the probabilities P are kept.
+//   Backward: dP = dO v^T into one reused (n, n) buffer; a fused pass per row computes
+//   dS = P * (dP - sum_j P dP), adds dS to d_bias and scales it by 1/sqrt(dh); then dq = dS k,
+//   dk = dS^T q, dv = P^T dO.
 
 #include <torch/library.h>
 
@@ -196,18 +193,16 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   Tensor out = at::empty({H, n, v.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(st, "attn_fwd", [&] {
     const scalar_t* bp = bias.data_ptr<scalar_t>();
-    // one parallel region over the heads (each thread runs whole heads, its GEMMs single-threaded):
-    // two barriers per call instead of one per head and pass, and the same arithmetic per head at
-    // any thread count
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads must not record autograd
-      for (int64_t h = h0; h < h1; ++h) {
-        Tensor Ph = P.select(0, h), Oh = out.select(0, h);
-        at::mm_out(Ph, q.select(0, h), k.select(0, h).t());
-        softmax_rows(Ph.data_ptr<scalar_t>(), bp + (per_head ? h * n * n : 0), n, 0, n, scalar_t(scale));
-        at::mm_out(Oh, Ph, v.select(0, h));
-      }
-    });
+    for (int64_t h = 0; h < H; ++h) {
+      Tensor Ph = P.select(0, h), Oh = out.select(0, h);
+      at::mm_out(Ph, q.select(0, h), k.select(0, h).t());
+      scalar_t* pp = Ph.data_ptr<scalar_t>();
+      const scalar_t* bh = bp + (per_head ? h * n * n : 0);
+      at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+        softmax_rows(pp, bh, n, r0, r1, scalar_t(scale));
+      });
+      at::mm_out(Oh, Ph, v.select(0, h));
+    }
   });
   return {out, P};
 }
@@ -230,28 +225,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const T
                                    P.options())
                        : empty;
   const bool need_ds = needs[0] || needs[1] || needs[3];
-  // dS of every head (heads run in parallel; a bias shared by the heads sums their dS in head order
-  // afterwards, so the result does not depend on the thread count)
-  Tensor dS = need_ds ? at::empty({H, n, n}, P.options()) : empty;
+  Tensor dS = need_ds ? at::empty({n, n}, P.options()) : empty;
   AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "attn_bwd", [&] {
     const scalar_t sc = scalar_t(scale);
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      at::NoGradGuard no_grad;
-      using Vec = at::vec::Vectorized<scalar_t>;
-      for (int64_t h = h0; h < h1; ++h) {
-        const Tensor Ph = P.select(0, h), gh = go.select(0, h);
-        if (needs[2]) {
-          Tensor dvh = dv.select(0, h);
-          at::mm_out(dvh, Ph.t(), gh);
-        }
-        if (!need_ds) continue;
-        Tensor dSh = dS.select(0, h);
-        at::mm_out(dSh, gh, v.select(0, h).t());  // dP
-        scalar_t* dp = dSh.data_ptr<scalar_t>();
-        const scalar_t* pp = Ph.data_ptr<scalar_t>();
-        // per-head bias: dS goes straight into its d_bias slice; shared bias: summed over heads below
-        scalar_t* dbh = (needs[3] && per_head) ? db.data_ptr<scalar_t>() + h * n * n : nullptr;
-        for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < H; ++h) {
+      const Tensor Ph = P.select(0, h), gh = go.select(0, h);
+      if (needs[2]) {
+        Tensor dvh = dv.select(0, h);
+        at::mm_out(dvh, Ph.t(), gh);
+      }
+      if (!need_ds) continue;
+      at::mm_out(dS, gh, v.select(0, h).t());  // dP
+      scalar_t* dp = dS.data_ptr<scalar_t>();
+      const scalar_t* pp = Ph.data_ptr<scalar_t>();
+      scalar_t* dbh = needs[3] ? db.data_ptr<scalar_t>() + (per_head ? h * n * n : 0) : nullptr;
+      at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+        using Vec = at::vec::Vectorized<scalar_t>;
+        const Vec vsc(sc);
+        for (int64_t i = r0; i < r1; ++i) {
           scalar_t* drow = dp + i * n;
           const scalar_t* prow = pp + i * n;
           const scalar_t dl = row_dot(prow, drow, n);  // sum_j P_ij dP_ij
@@ -260,37 +251,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attn_bwd(const Tensor& go_in, const T
           int64_t j = 0;
           for (; j + Vec::size() <= n; j += Vec::size()) {
             const Vec ds = Vec::loadu(prow + j) * (Vec::loadu(drow + j) - delta);
-            if (dbrow) ds.store(dbrow + j);
-            ds.store(drow + j);
+            if (dbrow) (Vec::loadu(dbrow + j) + ds).store(dbrow + j);
+            (ds * vsc).store(drow + j);
           }
           for (; j < n; ++j) {
             const scalar_t ds = prow[j] * (drow[j] - dl);
-            if (dbrow) dbrow[j] = ds;
-            drow[j] = ds;
+            if (dbrow) dbrow[j] += ds;
+            drow[j] = ds * sc;
           }
         }
-        // the logits are (q k^T) * scale: dq = (dS k) * scale, dk = (dS^T q) * scale
-        if (needs[0]) {
-          Tensor dqh = dq.select(0, h);
-          at::mm_out(dqh, dSh, k.select(0, h));
-          dqh.mul_(sc);
-        }
-        if (needs[1]) {
-          Tensor dkh = dk.select(0, h);
-          at::mm_out(dkh, dSh.t(), q.select(0, h));
-          dkh.mul_(sc);
-        }
-      }
-    });
-    if (needs[3] && !per_head) {  // d_bias = sum over heads of dS, in head order
-      const scalar_t* dp = dS.data_ptr<scalar_t>();
-      scalar_t* dbp = db.data_ptr<scalar_t>();
-      at::parallel_for(0, n * n, 1 << 14, [&](int64_t e0, int64_t e1) {
-        for (int64_t h = 0; h < H; ++h) {
-          const scalar_t* src = dp + h * n * n;
-          for (int64_t e = e0; e < e1; ++e) dbp[e] += src[e];
-        }
       });
+      if (needs[0]) {
+        Tensor dqh = dq.select(0, h);
+        at::mm_out(dqh, dS, k.select(0, h));
+      }
+      if (needs[1]) {
+        Tensor dkh = dk.select(0, h);
+        at::mm_out(dkh, dS.t(), q.select(0, h));
+      }
     }
   });
   return {dq, dk, dv, db};
