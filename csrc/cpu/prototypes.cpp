@@ -268,15 +268,9 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
         at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
           col_step_scaled(P, scale.data(), vr.first, N, K, k0, k1, u.data(), cs.data());
         });
-      } else {
-        scalar_t vmax = ninf, vmin = -ninf;
-        for (int64_t b = 0; b < N; ++b) {
-          vmax = v[b] > vmax ? v[b] : vmax;
-          vmin = v[b] < vmin ? v[b] : vmin;
-        }
-        const bool ok = std::isfinite(vmax) && std::isfinite(vmin) &&
-                        vmax - vmin <= max_shift_gap<scalar_t>();
-        const scalar_t shift = ok ? vmax : std::numeric_limits<scalar_t>::quiet_NaN();
+      } else {  // one-pass log-domain step with shift max v while the range allows (NaN range: two-pass)
+        const bool ok = vr.second <= max_shift_gap<scalar_t>();
+        const scalar_t shift = ok ? vr.first : std::numeric_limits<scalar_t>::quiet_NaN();
         at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
           col_step(L, v.data(), N, K, k0, k1, shift, u.data(), cm.data(), cs.data());
         });
