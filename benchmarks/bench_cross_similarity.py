@@ -197,13 +197,9 @@ def test_forward_medium_precision(benchmark, bench_tools, threads, impl):
     and the mm ceiling measured under the same setting. Shows what a user who opts into faster fp32
     matmuls (as with TF32 on a GPU) gets; the default-precision groups above are the headline numbers."""
     fn, device = _impl(impl, bench_tools, compiled_key="xsim-medium")
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
+    with bench_tools.matmul_precision("medium"):
         _time_forward(benchmark, bench_tools, threads, f"xsim-fwd-N36-medium-T{threads}", impl, fn, device, 36,
                       matmul_precision="medium")
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _fwdbwd_flops(region_lens, word_lens):

@@ -49,13 +49,15 @@ def loss_case(q: int, seed: int = 0):
 ROWS = ["reference", "compiled", "cpp", "triton", "cuda"]
 
 
-def _loss_impl(name, tools):
-    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here."""
+def _loss_impl(name, tools, compiled_key="loss"):
+    """(fn, device type) of row ``name``; skips (pytest.skip) a backend that cannot run here.
+    ``compiled_key``: cache key of the compiled row (one compiled function per matmul-precision setting)."""
     device = tools.require_backend("swapped_prediction_loss", name)
     if name == "compiled":
-        if "loss" not in _COMPILED:
-            _COMPILED["loss"] = torch.compile(swapped_prediction_loss_reference, dynamic=False)
-        return (lambda xv, xt, c, qv, qt: _COMPILED["loss"](xv, xt, c, queue_v=qv, queue_t=qt, **OPTS)), device
+        if compiled_key not in _COMPILED:
+            _COMPILED[compiled_key] = torch.compile(swapped_prediction_loss_reference, dynamic=False)
+        compiled = _COMPILED[compiled_key]
+        return (lambda xv, xt, c, qv, qt: compiled(xv, xt, c, queue_v=qv, queue_t=qt, **OPTS)), device
     return (lambda xv, xt, c, qv, qt: ops.swapped_prediction_loss(xv, xt, c, queue_v=qv, queue_t=qt, **OPTS,
                                                                   backend=name)), device
 
@@ -93,11 +95,11 @@ def _fwdbwd(fn, case):
     return (loss.detach(),) + torch.autograd.grad(loss, leaves)
 
 
-def _time_loss(benchmark, t, threads, group, impl, q, **extra):
+def _time_loss(benchmark, t, threads, group, impl, q, compiled_key="loss", **extra):
     """Check row ``impl`` against the reference, then time the loss forward + backward on the queue-``q`` case
     as row ``impl`` of ``group`` (peak extra memory, GFLOP/s, fraction of the mm ceiling, ``extra``)."""
     benchmark.group = group
-    fn, device = _loss_impl(impl, t)
+    fn, device = _loss_impl(impl, t, compiled_key)
     case = loss_case(q)
     want = _fwdbwd(_loss_impl("reference", t)[0], case)
     case = t.to_device(case, device)
@@ -132,17 +134,9 @@ def test_loss_forward_backward_medium_precision(benchmark, bench_tools, threads,
     run the fp32 GEMMs with bf16-based arithmetic and fp32 accumulation, as in ``xsim-fwd-N36-medium``).
     The comparison against the reference is the same as at default precision (rtol 1e-4): the GEMM outputs
     change by less than that here."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        if impl == "compiled":
-            _COMPILED.pop("loss", None)  # compiled under this setting, not reused from the default groups
+    with bench_tools.matmul_precision("medium"):
         _time_loss(benchmark, bench_tools, threads, f"proto-loss-Q{q}-medium-T{threads}", impl, q,
-                   matmul_precision="medium")
-    finally:
-        if impl == "compiled":
-            _COMPILED.pop("loss", None)
-        torch.set_float32_matmul_precision(before)
+                   compiled_key="loss-medium", matmul_precision="medium")
 
 
 @pytest.mark.parametrize("impl", ROWS)

@@ -3,7 +3,7 @@
 * ``threads`` fixture: runs a benchmark once per intra-op thread count (``AAHR_BENCH_THREADS``, e.g.
   ``1,2``; without it only the 1-thread rows run, see the suite options at the end of this file) and
   restores the count.
-* :func:`peak_extra_bytes`: peak of the torch CPU allocator's running total while a call runs (raw
+* :func:`peak_extra_bytes` (:mod:`aahr_fast.utils.memory`): peak of the torch CPU allocator's running total while a call runs (raw
   allocation events of the torch profiler with ``profile_memory=True``; tensors allocated before the call
   are not counted, so this is the *extra* memory an op needs). Memory that bypasses the torch allocator
   (BLAS packing buffers) is invisible to every row alike.
@@ -25,6 +25,7 @@ Files named ``bench_*.py`` in this folder are collected when the folder is given
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import types
@@ -34,7 +35,14 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from aahr_fast.utils import memory as _memory
+from aahr_fast.utils.memory import peak_extra_bytes  # noqa: F401  (part of bench_tools)
+
+
+# Every ``compiled`` row of one reference function shares dynamo's per-function cache of compiled graphs:
+# the cross-similarity groups alone compile the reference for two region counts, the 16-image check
+# slice, grad mode on and off, and two matmul precisions. Past the default recompile limit (8) dynamo
+# silently runs the function eagerly, so a later compiled row would time eager code; the suite raises it.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def pytest_collect_file(file_path, parent):
@@ -58,11 +66,15 @@ def threads(request) -> int:
     torch.set_num_threads(old)
 
 
-def peak_extra_bytes(fn: Callable, *args, device: str = "cpu", **kwargs) -> tuple[int, object]:
-    """(peak extra bytes, result) of one call ``fn(*args, **kwargs)``: :func:`aahr_fast.utils.memory.peak_extra_bytes`
-    (the running sum of the profiler's raw allocator events of ``device``'s type; exact for the torch
-    allocators; a CUDA call is synchronised before the profiler stops)."""
-    return _memory.peak_extra_bytes(fn, *args, device=device, **kwargs)
+@contextlib.contextmanager
+def matmul_precision(mode: str):
+    """Run the body under ``torch.set_float32_matmul_precision(mode)`` and restore the previous setting."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def synchronize(device: str = "cpu") -> None:
@@ -258,6 +270,7 @@ def bench_tools() -> types.SimpleNamespace:
     median_seconds, record, finish_row, GPU_BACKENDS."""
     return types.SimpleNamespace(
         peak_extra_bytes=peak_extra_bytes,
+        matmul_precision=matmul_precision,
         gflops=gflops,
         mm_ceiling_gflops=mm_ceiling_gflops,
         backend_rows=backend_rows,
