@@ -1,7 +1,8 @@
 """Packaging for aahr_fast.
 
 Layout note: the Triton kernels live in the top-level ``kernels/`` folder and are installed as the
-sub-package ``aahr_fast.kernels`` (so no generic top-level ``kernels`` module is ever installed).
+sub-package ``aahr_fast.kernels`` (so no generic top-level ``kernels`` module is ever installed). The folder has
+no ``__init__.py``: see kernels/README.md and aahr_fast/__init__.py.
 The C++/CUDA sources in ``csrc/`` ship as package data of ``aahr_fast._csrc`` and are JIT-built by
 ``aahr_fast.ops._ext`` on first use (torch is deliberately not a build requirement).
 """
