@@ -20,6 +20,7 @@ from ._dispatch import (
     registered,
     resolve_backend,
 )
+from ._common import value_checks, value_checks_enabled
 from .correlation import Correlation, instance_correlation, intra_relevance, topk_connection
 from .cross_similarity import fragment_word_relevance, hard_assignment_similarity
 from .message_passing import gcn_layer, masked_attention
@@ -46,4 +47,6 @@ __all__ = [
     "sinkhorn",
     "swapped_prediction_loss",
     "topk_connection",
+    "value_checks",
+    "value_checks_enabled",
 ]

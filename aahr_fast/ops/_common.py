@@ -1,11 +1,65 @@
 """Input validation shared by the public ops (one clear error instead of a deep traceback)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 
 import torch
 
 from ..utils.errors import ConfigError, DataError
+
+
+_STATE = threading.local()
+
+
+def _default_value_checks() -> bool:
+    return os.environ.get("AAHR_OPS_VALUE_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def value_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the public ops may read tensor *values* on the host to validate them.
+
+    Value checks (lengths in range, NaN / inf in inputs) cost a device-to-host read, i.e. a stream sync on
+    GPU. They run for a user calling an op eagerly and are skipped (a) inside :func:`value_checks` ``(False)``,
+    which the trainer uses around its step after validating data where it enters (collate), (b) while
+    ``torch.compile`` traces, (c) for meta / fake tensors, and (d) everywhere when ``AAHR_OPS_VALUE_CHECKS=0``.
+    Shape, dtype and device checks never read values and always run.
+    """
+    enabled = getattr(_STATE, "enabled", None)
+    if enabled is None:
+        enabled = _default_value_checks()
+    if not enabled or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.device.type == "meta" or _is_fake(t)):
+            return False
+    return True
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return bool(is_fake(t))
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the ops' host-reading value checks on or off in this thread (see :func:`value_checks_enabled`).
+
+    Example: ``with aahr_fast.ops.value_checks(False): loss = model(batch)``: no op reads tensor values on the
+    host, so a CUDA step runs without syncs. Inputs must then be valid: lengths outside ``[1, max]`` are
+    undefined behaviour (out-of-range reads are clamped, not detected).
+    """
+    previous = getattr(_STATE, "enabled", None)
+    _STATE.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE.enabled = previous
 
 
 def check_tensor(op: str, name: str, x, ndim: int, *, floating: bool = True) -> None:
@@ -50,7 +104,7 @@ def check_lengths(op: str, name: str, lens, batch: int, max_len: int, device: to
     if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
         raise DataError(f"{op}: {name} must be an integer tensor, got {lens.dtype}")
     lens = lens.to(device=device, dtype=torch.int64)
-    if lens.device.type == "meta":  # shape-only tensors: values cannot be read, so only shapes are checked
+    if not value_checks_enabled(lens):  # meta / fake / compiled / switched off: shapes only
         return lens
     bad = (lens < 1) | (lens > max_len)
     if bool(bad.any()):
