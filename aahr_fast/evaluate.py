@@ -84,7 +84,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     if batch_size is not None:  # 0 must not silently mean "the run's default"
         batch_size = check_positive_int("--batch-size", batch_size)
     ref = resolve_checkpoint(checkpoint, prefer=which)
-    meta = read_weights_meta(ref.weights)
+    meta = read_weights_meta(ref.weights, given=ref.given)
     cfg = config_from_dict(meta["config"])
     if config is not None:
         other = load_config(config, overrides, validate=False)

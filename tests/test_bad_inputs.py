@@ -502,7 +502,8 @@ def _(w):
     return lambda: resolve_checkpoint(w.tmp / "empty_run")
 
 
-@case("files/checkpoint-truncated", CheckpointError, "{tmp}/run/" + WEIGHTS, "unreadable safetensors checkpoint")
+@case("files/checkpoint-truncated", CheckpointError, "checkpoint {tmp}/run: its weights file {tmp}/run/" + WEIGHTS,
+      "truncated", "bytes")
 def _(w):
     from aahr_fast.retrieval import load_model
 
@@ -519,6 +520,25 @@ def _(w):
     d = w.copy("run")
     _edit_json(d / "best.json", lambda r: r.update(weights="checkpoints/e009-s00000009.safetensors"))
     return lambda: load_model(d)
+
+
+@case("files/checkpoint-pt-with-truncated-safetensors", CheckpointError,
+      "checkpoint {tmp}/run/checkpoints/e001-s00000001.pt: its weights file {tmp}/run/" + WEIGHTS, "truncated",
+      "missing")
+def _(w):
+    from aahr_fast.retrieval import load_model
+
+    d = w.copy("run")
+    _truncate(d / WEIGHTS, 0.7)
+    return lambda: load_model(d / "checkpoints" / "e001-s00000001.pt")
+
+
+@case("files/checkpoint-safetensors-empty", CheckpointError, "{tmp}/w.safetensors", "empty: 0 bytes")
+def _(w):
+    from aahr_fast.retrieval import load_model
+
+    (w.tmp / "w.safetensors").write_bytes(b"")
+    return lambda: load_model(w.tmp / "w.safetensors")
 
 
 @case("files/checkpoint-foreign-safetensors", CheckpointError, "{tmp}/w.safetensors", "not an aahr_fast checkpoint")
@@ -1733,6 +1753,15 @@ def _(w):
           "5 images x 25 captions")
 def _(w):
     return ["--checkpoint", str(w.run), "--data", str(w.toy), "--split", "test", "--eccv"]
+
+
+@cli_case("cli/evaluate-pt-with-truncated-safetensors", "evaluate",
+          "checkpoint {tmp}/run/checkpoints/e001-s00000001.pt: its weights file {tmp}/run/" + WEIGHTS,
+          "truncated", proc=True)
+def _(w):
+    d = w.copy("run")
+    _truncate(d / WEIGHTS, 0.7)
+    return ["--checkpoint", str(d / "checkpoints" / "e001-s00000001.pt"), "--data", str(w.toy)]
 
 
 @cli_case("cli/evaluate-missing-checkpoint", "evaluate", "checkpoint {tmp}/nope does not exist")
