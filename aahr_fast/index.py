@@ -40,6 +40,7 @@ Exit status: 0 ok, 2 for configuration / data / checkpoint errors (one-line mess
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -232,7 +233,10 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     Args:
         checkpoint: what :func:`aahr_fast.retrieval.load_model` accepts (ignored for loading when
             ``loaded`` is given, but recorded). out: index folder (created; an old manifest is removed first).
-        data: prepared feature folder (default: the run's ``data.path`` when it is a feature folder).
+        data: what ``train`` / ``evaluate`` accept as ``--data`` (:func:`aahr_fast.train.resolve_data`):
+            ``"synthetic"`` (the run's synthetic sizes and seed; rendered and prepared into the cache when
+            missing), a prepared feature folder, or a raw dataset (prepared into the cache). Default: the
+            run's ``data.path``.
         split: split name. modality: ``"image"`` or ``"text"`` gallery. kind: ``flat`` / ``hnsw`` / ``ivf``.
         nlist, nprobe, hnsw_m, ef_construction, ef_search: see :func:`make_faiss_index`.
         recall_queries: approximate kinds: use the first this many of the gallery's own queries for the
@@ -270,13 +274,13 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     if loaded is None:
         loaded = load_model(checkpoint, which=which, device=device)
     cfg = loaded.config
-    if data is None:
-        cand = Path(str(cfg.data.path)).expanduser()
-        if not (cand / "meta.json").is_file() and not (cand / f"{split}_ims.npy").is_file():
-            raise ConfigError(f"--data is needed: the run's data.path {cfg.data.path!r} is not a prepared feature "
-                              f"folder on this machine")
-        data = cand
-    folder = Path(data).expanduser().resolve()
+    # --data takes what train / evaluate take: one resolver (aahr_fast.train.resolve_data) for all three
+    from aahr_fast.train import resolve_data
+
+    data_cfg = copy.deepcopy(cfg)
+    if data is not None:
+        data_cfg.data.path = str(data)
+    folder = resolve_data(data_cfg, log).expanduser().resolve()
     from aahr_fast.data.features import FeatureSplit
 
     fs = FeatureSplit(folder, split)
@@ -494,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aahr_fast.index",
                                 description="Encode a gallery with a trained aahr_fast checkpoint into a FAISS index.")
     p.add_argument("--checkpoint", required=True, help="run folder, pointer .json, .safetensors or .pt")
-    p.add_argument("--data", help="prepared feature folder (default: the run's data.path when it is one)")
+    p.add_argument("--data", help="'synthetic', a prepared feature folder, or a raw dataset to prepare; the values "
+                                  "train and evaluate accept (default: the data the run was trained on)")
     p.add_argument("--split", default="test", help="split name (default test)")
     p.add_argument("--modality", required=True, choices=("image", "text"),
                    help="gallery items: images (for text queries) or captions (for image queries)")

@@ -110,3 +110,48 @@ def test_written_files_follow_the_umask(tmp_path, mask):
     wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
              if stat.S_IMODE(p.stat().st_mode) != want}
     assert not wrong, f"expected mode {oct(want)} under umask {oct(mask)}: {wrong}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. every CLI taking --data accepts the same values
+
+
+@pytest.fixture
+def synthetic_run(tmp_path, monkeypatch):
+    """A run trained (initialised) on ``--data synthetic`` with 4/2/3 images, its cache in ``tmp_path``;
+    ``prepare`` is replaced by toy features of the same split sizes (the real backbones take ~15 s to
+    load), so the test covers how ``--data`` is resolved, not feature extraction."""
+    import aahr_fast.prepare as prepare_mod
+    from aahr_fast.data.toy import write_toy_features
+
+    calls = []
+
+    def fake_prepare(spec, out, splits=("train", "dev", "test"), **kw):
+        calls.append(Path(out))
+        write_toy_features(out, {k: spec[k].num_images for k in splits}, seed=0)
+        return {"noop": False}
+
+    monkeypatch.setattr(prepare_mod, "prepare", fake_prepare)
+    cache = tmp_path / "cache"
+    data = {"path": "synthetic", "cache_dir": str(cache), "synthetic_train": 4, "synthetic_dev": 2,
+            "synthetic_test": 3, "synthetic_seed": 0}
+    run = _save_run(tmp_path / "run", data)
+    return run, cache / "prepared" / "synthetic-seed0-4-2-3", calls
+
+
+@pytest.mark.parametrize("given", [["--data", "synthetic"], []], ids=["data-synthetic", "data-default"])
+def test_index_accepts_synthetic_like_evaluate(synthetic_run, tmp_path, given, capsys):
+    from aahr_fast import evaluate as evaluate_cli
+    from aahr_fast import index as index_cli
+
+    run, prepared, calls = synthetic_run
+    assert evaluate_cli.main(["--checkpoint", str(run), *given, "--split", "test"]) == 0
+    rc = index_cli.main(["--checkpoint", str(run), *given, "--split", "test", "--modality", "image",
+                          "--out", str(tmp_path / "idx")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "does not exist" not in err
+    manifest = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert manifest["data"]["folder"] == str(prepared.resolve())  # the folder train / evaluate use
+    assert manifest["ntotal"] == 3
+    assert calls == [prepared, prepared]
