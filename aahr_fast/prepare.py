@@ -55,7 +55,7 @@ from aahr_fast.data.dataset import ImageTextSplit
 from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
 from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path, fsync_dir
 
-__all__ = ["prepare", "main", "build_parser", "FORMAT", "WORK_DIR"]
+__all__ = ["prepare", "dataset_from_args", "main", "build_parser", "FORMAT", "WORK_DIR"]
 
 FORMAT = "aahr_fast.prepared/1"
 WORK_DIR = ".prepare_work"
@@ -70,17 +70,66 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 # inputs and fingerprint
 # ----------------------------------------------------------------------------------------------------------
 def _open_split(dataset_spec: Any, split: str) -> ImageTextSplit:
-    """One split from a spec: a mapping ``{split: ImageTextSplit}`` or anything ``open_dataset`` accepts."""
+    """One split from a spec: anything ``open_dataset`` accepts, or a mapping ``{split: value}`` whose
+    value is an ImageTextSplit, a spec, or a list of specs combined into one split (``open_sources``)."""
+    from aahr_fast.data.readers import open_dataset, open_sources
+
     if isinstance(dataset_spec, Mapping):
         if split not in dataset_spec:
             raise ConfigError(f"dataset has no split {split!r}; it has {sorted(dataset_spec)}")
         s = dataset_spec[split]
-        if not isinstance(s, ImageTextSplit):
-            raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected ImageTextSplit")
-        return s
-    from aahr_fast.data.readers import open_dataset
-
+        if isinstance(s, ImageTextSplit):
+            return s
+        if isinstance(s, (str, os.PathLike)) or (isinstance(s, (list, tuple)) and s
+                                                 and all(isinstance(x, (str, os.PathLike)) for x in s)):
+            return open_sources(s, split)
+        raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected an ImageTextSplit, a "
+                          f"dataset spec or a non-empty list of specs")
     return open_dataset(dataset_spec, split)
+
+
+def _and(names: Sequence[str]) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _check_disjoint(jobs: Sequence["_SplitJob"], dataset_spec: Any) -> None:
+    """Refuse splits that share images (by image file, else by image id).
+
+    One COCO ``captions_*.json`` (no split lists) opened as train, dev and test gives each of them the
+    same images: evaluation on it would score training images, silently.
+
+    Raises:
+        ConfigError: names the overlapping splits, how many images each pair shares, one example image,
+            and the ways out (``--split-source``, ``--splits``, ``--allow-split-overlap``).
+    """
+    keys = {}
+    for j in jobs:
+        s = j.split
+        keys[j.name] = ([os.path.abspath(p) for p in s.image_paths] if s.image_paths is not None
+                        else list(s.image_ids))
+    pairs, example, names = [], None, []
+    for a in range(len(jobs)):
+        seen = set(keys[jobs[a].name])
+        for b in range(a + 1, len(jobs)):
+            common = [k for k in keys[jobs[b].name] if k in seen]
+            if common:
+                pairs.append(f"{jobs[a].name} & {jobs[b].name}: {len(common)} of {len(seen)} / "
+                             f"{len(keys[jobs[b].name])} images")
+                example = example or common[0]
+                names += [n for n in (jobs[a].name, jobs[b].name) if n not in names]
+    if not pairs:
+        return
+    same = (f"every split was read from the same source {dataset_spec} (a COCO captions json has no split "
+            f"lists, so each split gets all of its images)" if not isinstance(dataset_spec, Mapping)
+            else "the splits' sources hold the same images")
+    raise ConfigError(
+        f"splits {_and(names)} share images ({'; '.join(pairs)}; e.g. {example}): {same}. Evaluating on "
+        f"training images gives meaningless recalls. Give each split its own source(s), e.g. "
+        f"`--split-source train=captions_train2017.json --split-source test=captions_val2017.json` "
+        f"(several files combine: `--split-source test=a.json,b.json`; prepare({{split: [specs]}}, ...)), "
+        f"or prepare one split with `--splits test`; pass --allow-split-overlap (allow_overlap=True) only "
+        f"when the overlap is intended. Nothing was written.")
 
 
 def _first_appearance_order(s: ImageTextSplit) -> ImageTextSplit:
@@ -538,13 +587,16 @@ def prepare(
     clip_model: str = "ViT-B-32",
     force: bool = False,
     overwrite: bool = False,
+    allow_overlap: bool = False,
     progress: bool = True,
 ) -> dict:
     """Extract frozen features of ``splits`` of a dataset into the prepared folder ``out_dir``.
 
     Args:
         dataset_spec: what ``aahr_fast.data.readers.open_dataset(spec, split)`` accepts (e.g. a Flickr8k
-            folder), or a mapping ``{split: ImageTextSplit}``. Splits need raw image files.
+            folder), or a mapping ``{split: value}``, the value an ImageTextSplit, a spec, or a list of specs
+            combined into that split (``{"test": ["a.json", "b.json"]}``; see
+            :func:`aahr_fast.data.readers.open_sources`). Splits need raw image files.
         out_dir: output folder (created). Files: see the module docstring / docs/DESIGN.md.
         splits: split names to extract.
         batch_size: images per backbone forward. ``text_batch_size``: captions per forward.
@@ -563,6 +615,8 @@ def prepare(
             names and files), an unreadable ``meta.json``, or feature files without ``meta.json``. Without
             it such a folder is refused before anything is written. A rebuild of the same dataset with
             the same backbones (changed images, captions, dtype, splits) needs no flag.
+        allow_overlap: allow splits that share images (by image file). Without it such splits (e.g. one
+            COCO captions json read as train, dev and test) are refused before anything is written.
         device: torch device for the backbones (default: ``"cuda"`` when available, else ``"cpu"``); the
             features are computed in float32 on any device.
         progress: show tqdm bars.
@@ -570,7 +624,8 @@ def prepare(
         The ``meta.json`` content (dict). ``meta["noop"]`` is True when nothing had to be done.
     Raises:
         DataError: bad dataset (missing / corrupt image named, bad captions), unreadable work shards.
-        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split; ``out_dir`` holding
+        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split; splits sharing images
+            without ``allow_overlap`` (names the splits, the overlap counts and the fix); ``out_dir`` holding
             features of another dataset / other backbones without ``overwrite`` (names both and the way on).
     """
     t_start = time.perf_counter()
@@ -602,6 +657,8 @@ def prepare(
             "num_images": s.num_images, "num_captions": s.num_captions,
             "images": _image_fingerprint(s),
             "captions": _caption_fingerprint(caps, s.caption_image, s.image_ids)}))
+    if not allow_overlap:
+        _check_disjoint(jobs, dataset_spec)
 
     img_weights = getattr(image_backbone, "weights_path", None) or (
         str(image_backbone) if image_backbone is not None else _default_image_weights())
@@ -790,9 +847,22 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Raw images + captions -> a prepared (precomp-layout) feature folder "
                                              "(frozen EfficientNet-Lite0 regions, MiniLM tokens; see docs/DESIGN.md).",
                                  formatter_class=_DefaultsOnceFormatter)
-    ap.add_argument("dataset", help="dataset spec for aahr_fast.data.readers.open_dataset (e.g. a Flickr8k folder)")
+    ap.add_argument("dataset", nargs="?", default=None,
+                    help="dataset spec for aahr_fast.data.readers.open_dataset (a Flickr8k folder, a Karpathy "
+                         "dataset_*.json, a COCO captions_*.json, 'synthetic'); every split without a "
+                         "--split-source is read from it. Optional when --split-source names every split")
     ap.add_argument("out_dir", help="output feature folder")
-    ap.add_argument("--splits", default="train,dev,test", help="comma-separated split names")
+    ap.add_argument("--splits", default=None,
+                    help="comma-separated split names (default: train,dev,test; with --split-source and no "
+                         "DATASET: the splits --split-source names)")
+    ap.add_argument("--split-source", action="append", default=[], metavar="SPLIT=SRC[,SRC...]",
+                    help="read SPLIT from these sources instead of DATASET; several comma-separated sources "
+                         "(COCO jsons, Flickr8k folders, ...) are combined into one split, each opened with "
+                         "the split name SPLIT. Repeat per split, e.g. --split-source "
+                         "train=captions_train2017.json --split-source test=captions_val2017.json")
+    ap.add_argument("--allow-split-overlap", action="store_true",
+                    help="allow splits that share images (refused by default: e.g. one COCO json read as "
+                         "train, dev and test gives all three the same images)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward")
     ap.add_argument("--text-batch-size", type=int, default=128, help="captions per forward")
     ap.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype of the features")
@@ -814,17 +884,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def dataset_from_args(dataset: str | None, splits: str | None, split_sources: Sequence[str]) -> tuple[Any, list[str]]:
+    """The ``prepare`` dataset spec and split list of the command line.
+
+    Args:
+        dataset: the DATASET positional (None when omitted). splits: ``--splits`` (None when omitted).
+        split_sources: the ``--split-source SPLIT=SRC[,SRC...]`` values, in order.
+    Returns:
+        ``(spec, splits)``: ``dataset`` itself when no ``--split-source`` is given, else a mapping
+        ``{split: [sources]}`` (splits without ``--split-source`` map to ``dataset``).
+    Raises:
+        ConfigError: a malformed ``--split-source`` (no ``=``, empty split or source), a split given twice,
+            a ``--split-source`` for a split not in ``--splits``, or a split with no source at all.
+    """
+    per: dict[str, list[str]] = {}
+    for item in split_sources:
+        name, eq, srcs = item.partition("=")
+        name = name.strip()
+        parts = [x.strip() for x in srcs.split(",")]
+        if not eq or not name or not parts or any(not x for x in parts):
+            raise ConfigError(f"--split-source {item!r}: expected SPLIT=SOURCE[,SOURCE...], e.g. "
+                              f"test=captions_val2017.json or train=a.json,b.json")
+        if name in per:
+            raise ConfigError(f"--split-source names split {name!r} twice; list all its sources in one "
+                              f"argument: {name}={','.join(per[name] + parts)}")
+        per[name] = parts
+    if splits is not None:
+        names = [x for x in splits.split(",") if x]
+    elif per and dataset is None:
+        names = list(per)
+    else:
+        names = ["train", "dev", "test"]
+    stray = [n for n in per if n not in names]
+    if stray:
+        raise ConfigError(f"--split-source names split(s) {stray} that --splits {','.join(names)} does not list")
+    missing = [n for n in names if n not in per and dataset is None]
+    if missing:
+        raise ConfigError(f"split(s) {missing} have no source: give a DATASET argument or "
+                          f"--split-source {missing[0]}=SOURCE[,SOURCE...]")
+    if not per:
+        return dataset, names
+    return {n: per.get(n, dataset) for n in names}, names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        prepare(a.dataset, a.out_dir, splits=[s for s in a.splits.split(",") if s], batch_size=a.batch_size,
+        spec, splits = dataset_from_args(a.dataset, a.splits, a.split_source)
+        prepare(spec, a.out_dir, splits=splits, batch_size=a.batch_size,
                 dtype=a.dtype, num_images=a.num_images, text_backbone=a.text_backbone,
                 image_backbone=a.image_weights, text_batch_size=a.text_batch_size, shard_images=a.shard_images,
                 shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers, device=a.device,
                 clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force, overwrite=a.overwrite,
-                progress=not a.no_progress)
+                allow_overlap=a.allow_split_overlap, progress=not a.no_progress)
     except AAHRError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

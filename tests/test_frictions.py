@@ -155,3 +155,86 @@ def test_index_accepts_synthetic_like_evaluate(synthetic_run, tmp_path, given, c
     assert manifest["data"]["folder"] == str(prepared.resolve())  # the folder train / evaluate use
     assert manifest["ntotal"] == 3
     assert calls == [prepared, prepared]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. prepare: splits sharing images are refused; several sources combine into one split
+
+
+def _prepare_kw(tmp_path: Path) -> dict:
+    weights = tmp_path / "lite0.pth"
+    if not weights.exists():
+        weights.write_bytes(b"w")
+    return dict(image_backbone=stub_image_backbone(weights), text_backbone=stub_text_backbone(), threads=1,
+                progress=False)
+
+
+def test_prepare_refuses_one_coco_json_as_three_splits(tmp_path):
+    from aahr_fast.prepare import prepare
+
+    js = _coco_json(tmp_path / "coco" / "captions_val2017.json", [139, 285, 632])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as ei:
+        prepare(str(js), out, **_prepare_kw(tmp_path))  # default splits train, dev, test
+    msg = str(ei.value)
+    assert "splits train, dev and test share images" in msg
+    assert "train & dev: 3 of 3 / 3 images" in msg and "dev & test: 3 of 3 / 3 images" in msg
+    assert str(js) in msg and "--split-source" in msg and "--splits test" in msg
+    assert not (out / "meta.json").exists() and not list(out.glob("*_ids.txt"))
+    # one split of the same json is fine, and so is an overlap asked for
+    assert prepare(str(js), out, splits=("test",), **_prepare_kw(tmp_path))["splits"]["test"]["num_images"] == 3
+    prepare(str(js), tmp_path / "out2", splits=("dev", "test"), allow_overlap=True, **_prepare_kw(tmp_path))
+
+
+def test_prepare_cli_overlap_is_exit_2(tmp_path, capsys):
+    from aahr_fast.prepare import main
+
+    js = _coco_json(tmp_path / "coco" / "captions_val2017.json", [139, 285])
+    assert main([str(js), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error: splits train, dev and test share images") and "Traceback" not in err
+
+
+def test_split_source_combines_jsons_into_one_split(tmp_path, monkeypatch):
+    import aahr_fast.prepare as prepare_mod
+
+    a = _coco_json(tmp_path / "coco" / "captions_a.json", [1, 2])
+    b = _coco_json(tmp_path / "coco" / "captions_b.json", [3])
+    c = _coco_json(tmp_path / "coco" / "captions_c.json", [4, 5])
+    kw = _prepare_kw(tmp_path)
+    real = prepare_mod.prepare
+    monkeypatch.setattr(prepare_mod, "prepare", lambda spec, out, **k: real(spec, out, **{**k, **kw}))
+    out = tmp_path / "out"
+    assert prepare_mod.main([str(out), "--split-source", f"train={a},{b}", "--split-source", f"test={c}",
+                             "--no-progress"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert sorted(meta["splits"]) == ["test", "train"]
+    assert meta["splits"]["train"]["num_images"] == 3 and meta["splits"]["test"]["num_images"] == 2
+    assert (out / "train_ids.txt").read_text().split() == ["1", "1", "2", "2", "3", "3"]
+    assert meta["sources"]["train"] == f"{a} + {b}"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--split-source", "test"], "expected SPLIT=SOURCE"),
+    (["--split-source", "test=a.json,"], "expected SPLIT=SOURCE"),
+    (["--split-source", "test=a.json", "--split-source", "test=b.json"], "test=a.json,b.json"),
+    (["--split-source", "dev=a.json", "--splits", "test"], "that --splits test does not list"),
+    (["--split-source", "dev=a.json", "--splits", "dev,test"], "['test'] have no source"),
+])
+def test_split_source_bad_arguments(tmp_path, args, needle, capsys):
+    from aahr_fast.prepare import main
+
+    assert main([str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_split_source_same_image_in_two_sources_of_one_split(tmp_path):
+    from aahr_fast.prepare import prepare
+    from aahr_fast.utils.errors import DataError
+
+    a = _coco_json(tmp_path / "x" / "captions_a.json", [1, 2])
+    b = _coco_json(tmp_path / "y" / "captions_b.json", [2, 3])
+    with pytest.raises(DataError, match=r"split 'test': .*captions_b.json and .*captions_a.json both hold "
+                                        r"image id '2' \(1 shared"):
+        prepare({"test": [str(a), str(b)]}, tmp_path / "out", splits=("test",), **_prepare_kw(tmp_path))
