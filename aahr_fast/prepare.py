@@ -26,8 +26,11 @@ Robustness:
   killed during the swap is finished by the next run from the journal. A folder is complete exactly when
   ``meta.json`` is present and matches.
 - ``meta.json`` carries a content hash of the inputs (image file names, sizes, mtimes; caption text and
-  caption->image map), backbone identities (weight files' paths, sizes, mtimes), dtype and options. A re-run
-  with the same hash is a no-op; a different hash rebuilds.
+  caption->image map), backbone identities (sha256 of the weight files, cached by size + mtime + inode in
+  ``aahr_fast.utils.filehash``: the same weights in another virtualenv are the same backbone), dtype and
+  options. A re-run with the same hash is a no-op; a different hash rebuilds. A folder written when
+  backbones were identified by their weight files' paths counts as the same when those files, hashed now,
+  hold the same bytes.
 - A rebuild never replaces another dataset's features silently: when ``out_dir/meta.json`` records another
   dataset (absolute path, or the sources of in-memory splits) or other backbones (image / text / OpenCLIP
   names and files), or the folder holds feature files without ``meta.json`` (a SCAN precomp folder), the run
@@ -157,11 +160,6 @@ def _clean_caption(text: str) -> str:
     return text
 
 
-def _stat_id(path: str | os.PathLike) -> list:
-    st = os.stat(path)
-    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
-
-
 def _image_fingerprint(split: ImageTextSplit) -> str:
     """sha256 over (image id, file path, size, mtime) of every image of the split."""
     if split.image_paths is None:
@@ -186,21 +184,75 @@ def _caption_fingerprint(captions: Sequence[str], caption_image: np.ndarray, ima
     return h.hexdigest()
 
 
-def _text_model_id(path: str) -> list:
-    files = []
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt"):
-        f = Path(path) / name
-        if f.is_file():
-            files.append(_stat_id(f))
+def _text_name(path: str) -> str:
+    """Name of a text backbone folder as ``meta.json`` records it (the parent's name for ``.../model``)."""
+    p = Path(path)
+    return p.name if p.name != "model" else p.parent.name
+
+
+_TEXT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt")
+
+
+def _text_files_digest(path: str) -> dict:
+    """{file name: sha256} of a text backbone folder's model files (the text backbone's content identity)."""
+    from aahr_fast.utils.filehash import file_digest
+
+    files = {n: file_digest(Path(path) / n) for n in _TEXT_FILES if (Path(path) / n).is_file()}
     if not files:
         raise ConfigError(f"text backbone folder {path} has no model files (config.json, weights, tokenizer)")
     return files
 
 
-def _text_name(path: str) -> str:
-    """Name of a text backbone folder as ``meta.json`` records it (the parent's name for ``.../model``)."""
-    p = Path(path)
-    return p.name if p.name != "model" else p.parent.name
+def _digest_or_none(path: Any) -> str | None:
+    """sha256 of a file recorded in an older ``meta.json``, or None when it is no longer readable here."""
+    from aahr_fast.utils.filehash import file_digest
+
+    try:
+        return file_digest(str(path)) if path is not None and Path(str(path)).is_file() else None
+    except OSError:
+        return None
+
+
+def _combine(files: Mapping[str, Any]) -> str | None:
+    if any(v is None for v in files.values()):
+        return None
+    return hashlib.sha256("".join(f"{k}:{files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+
+
+def _backbone_ids(backbones: Any) -> dict | None:
+    """Content identities of ``config["backbones"]`` of a ``meta.json``, new or old format.
+
+    New folders record sha256 digests of the weight files; older ones recorded ``[path, size, mtime]`` of
+    the files inside the virtualenv that wrote them: those files are hashed now when they still exist
+    (else the identity is None: unknown, never equal to a digest). Returns
+    ``{"image": sha256 | None, "text": sha256 over the folder's files | None, "clip": None | [model, id]}``,
+    or None when ``backbones`` is not a dict.
+    """
+    if not isinstance(backbones, Mapping):
+        return None
+    img = backbones.get("image") or {}
+    if img.get("sha256"):
+        image = img["sha256"]
+    else:
+        w = img.get("weights")
+        image = _digest_or_none(w[0] if isinstance(w, (list, tuple)) and w else w)
+    files = (backbones.get("text") or {}).get("files")
+    if isinstance(files, Mapping):
+        text = _combine(files)
+    elif isinstance(files, (list, tuple)) and files:
+        text = _combine({Path(str(f[0])).name: _digest_or_none(f[0]) for f in files
+                         if isinstance(f, (list, tuple)) and f})
+    else:
+        text = None
+    clip = backbones.get("clip")
+    if not isinstance(clip, Mapping):
+        clip_id = None
+    elif clip.get("sha256"):
+        clip_id = [clip.get("model"), clip["sha256"]]
+    else:
+        ck = clip.get("checkpoint")
+        clip_id = [clip.get("model"), _digest_or_none(ck[0]) if isinstance(ck, (list, tuple)) and ck else ck]
+    return {"image": image, "text": text, "clip": clip_id}
 
 
 def _default_image_weights() -> str:
@@ -498,10 +550,19 @@ def _held_identity(meta: dict) -> dict:
         dataset = _path_label(dataset)  # folders written before the label was made absolute
     if meta.get("toy"):
         dataset = dataset or "toy features (aahr_fast.data.toy)"
-    return {"dataset": dataset, "sources": meta.get("sources"),
-            "image backbone": _backbone_label(ib.get("name"), ib.get("weights")),
-            "text backbone": _backbone_label(tb.get("name"), tb.get("path")),
-            "OpenCLIP": None if not isinstance(clip, dict) else _backbone_label(clip.get("model"), clip.get("checkpoint"))}
+    ident = {"dataset": dataset, "sources": meta.get("sources"),
+             "image backbone": _backbone_label(ib.get("name"), ib.get("weights")),
+             "text backbone": _backbone_label(tb.get("name"), tb.get("path")),
+             "OpenCLIP": None if not isinstance(clip, dict) else _backbone_label(clip.get("model"),
+                                                                                 clip.get("checkpoint"))}
+    ids = _backbone_ids((meta.get("config") or {}).get("backbones")) if isinstance(meta.get("config"), dict) else None
+    if ids is not None:
+        ident["ids"] = ids
+        for key, k in (("image backbone", "image"), ("text backbone", "text")):
+            if ident[key] is not None:
+                ident[key] += (f", sha256 {ids[k][:12]}" if ids[k] else
+                               ", weights no longer readable here, so their content cannot be compared")
+    return ident
 
 
 def _describe(ident: dict) -> str:
@@ -522,8 +583,32 @@ def _differences(held: dict, asked: dict) -> list[str]:
         common = set(held["sources"]) & set(asked["sources"])
         if any(held["sources"][k] != asked["sources"][k] for k in common):
             diffs.append("dataset")
-    diffs += [k for k in ("image backbone", "text backbone", "OpenCLIP") if held[k] != asked[k]]
+    if held.get("ids") is not None and asked.get("ids") is not None:  # by content (weight-file digests)
+        hi, ai = held["ids"], asked["ids"]
+        diffs += [key for key, k in (("image backbone", "image"), ("text backbone", "text"), ("OpenCLIP", "clip"))
+                  if hi[k] != ai[k] or (k != "clip" and hi[k] is None)]
+    else:  # a meta.json without backbone identities (e.g. toy features): by name and path
+        diffs += [k for k in ("image backbone", "text backbone", "OpenCLIP") if held[k] != asked[k]]
     return diffs
+
+
+def _same_inputs(old_meta: dict, content_hash: str, config: dict) -> bool:
+    """Whether an existing ``meta.json`` was made from the inputs of ``config`` (its content hash).
+
+    A folder written before backbones were identified by content recorded their files' paths: it counts
+    as the same when everything else in its config is equal and those files, hashed now, have the
+    contents of the backbones asked for (no re-extraction just because the venv moved or was rebuilt).
+    """
+    if old_meta.get("content_hash") == content_hash:
+        return True
+    old_cfg = old_meta.get("config")
+    if not isinstance(old_cfg, dict):
+        return False
+    rest = lambda c: {k: v for k, v in c.items() if k != "backbones"}  # noqa: E731
+    if rest(old_cfg) != rest(config):
+        return False
+    held, asked = _backbone_ids(old_cfg.get("backbones")), _backbone_ids(config["backbones"])
+    return held is not None and held == asked and None not in (held["image"], held["text"])
 
 
 def _refuse_foreign_folder(out: Path, asked: dict) -> None:
@@ -666,11 +751,16 @@ def prepare(
         str(text_backbone) if text_backbone is not None else _default_text_model())
     if not Path(img_weights).is_file():
         raise ConfigError(f"image backbone weights file {img_weights} does not exist")
+    from aahr_fast.utils.filehash import file_digest
+
+    # backbones are identified by the bytes of their weight files (cached by size + mtime + inode), not by
+    # their path: another virtualenv holding the same weights is the same backbone
     backbones = {
-        "image": {"name": "efficientnet-lite0", "weights": _stat_id(img_weights)},
-        "text": {"name": Path(txt_path).name, "files": _text_model_id(txt_path)},
-        "clip": None if clip_checkpoint is None else {"model": clip_model, "checkpoint": _stat_id(clip_checkpoint)
-                                                      if Path(clip_checkpoint).is_file() else str(clip_checkpoint)},
+        "image": {"name": "efficientnet-lite0", "sha256": file_digest(img_weights)},
+        "text": {"name": _text_name(txt_path), "files": _text_files_digest(txt_path)},
+        "clip": None if clip_checkpoint is None else (
+            {"model": clip_model, "sha256": file_digest(clip_checkpoint)} if Path(clip_checkpoint).is_file()
+            else {"model": clip_model, "checkpoint": str(clip_checkpoint)}),
     }
     config = {"format": FORMAT, "splits": {j.name: j.fingerprint for j in jobs}, "backbones": backbones,
               "dtype": dtype, "num_images": num_images}
@@ -682,7 +772,7 @@ def prepare(
             old = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("content_hash") == content_hash and all(
+        if _same_inputs(old, content_hash, config) and all(
                 (out / f).is_file() and (out / f).stat().st_size == sz for f, sz in old.get("files", {}).items()):
             print(f"prepare: {out} is up to date (content hash {content_hash[:12]}); nothing to do "
                   f"({time.perf_counter() - t_start:.2f} s)")
@@ -690,10 +780,12 @@ def prepare(
             return old
     if not overwrite:
         clip_label = None if clip_checkpoint is None else _backbone_label(clip_model, str(clip_checkpoint))
+        ids = _backbone_ids(backbones)
         _refuse_foreign_folder(out, {
             "dataset": _dataset_label(dataset_spec), "sources": {j.name: j.split.source for j in jobs},
-            "image backbone": _backbone_label("efficientnet-lite0", img_weights),
-            "text backbone": _backbone_label(_text_name(txt_path), txt_path), "OpenCLIP": clip_label})
+            "image backbone": _backbone_label("efficientnet-lite0", img_weights) + f", sha256 {ids['image'][:12]}",
+            "text backbone": _backbone_label(_text_name(txt_path), txt_path) + f", sha256 {ids['text'][:12]}",
+            "OpenCLIP": clip_label, "ids": ids})
     with _exclusive(out):
         # The existing folder (complete or not) is left alone until everything new is staged: see _swap_in.
         work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
@@ -801,12 +893,14 @@ def prepare(
             "dtype": dtype,
             "num_images_option": num_images,
             "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
+                               "sha256": backbones["image"]["sha256"],
                                "num_regions": first["region_shape"][0], "region_dim": first["region_shape"][1],
                                "regions": "7x7 grid of extract_features, row-major",
                                "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
                                "global_dim": first["image_global_dim"],
                                "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
             "text_backbone": {"name": _text_name(txt_path), "path": txt_path, "token_dim": first["token_dim"],
+                              "files_sha256": backbones["text"]["files"],
                               "global": "open_clip text vector" if clip_checkpoint else
                               "mean of last_hidden_state over valid tokens, L2-normalised",
                               "global_dim": first["text_global_dim"], "pad_id": 0,

@@ -238,3 +238,107 @@ def test_split_source_same_image_in_two_sources_of_one_split(tmp_path):
     with pytest.raises(DataError, match=r"split 'test': .*captions_b.json and .*captions_a.json both hold "
                                         r"image id '2' \(1 shared"):
         prepare({"test": [str(a), str(b)]}, tmp_path / "out", splits=("test",), **_prepare_kw(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. backbones are identified by the content of their weight files, not by their path in a venv
+
+
+@pytest.fixture
+def venvs(tmp_path, monkeypatch):
+    """Two "virtualenvs" holding byte-identical backbone files at different paths, a dataset, and a
+    prepare helper taking the venv to load the backbones from."""
+    from aahr_fast.prepare import prepare
+
+    monkeypatch.setenv("AAHR_CACHE", str(tmp_path / "cache"))  # the digest cache of this test
+    roots = {}
+    for name in ("venv_a", "venv_b"):
+        root = tmp_path / name / "site-packages"
+        (root / "minilm").mkdir(parents=True)
+        (root / "lite0.pth").write_bytes(b"efficientnet weights v1")
+        (root / "minilm" / "config.json").write_text('{"vocab_size": 1024}')
+        (root / "minilm" / "model.safetensors").write_bytes(b"minilm weights v1")
+        roots[name] = root
+    ds = _flickr(tmp_path / "ds", ["a.jpg", "b.jpg"])
+
+    def run(venv: str, out: Path, **kw):
+        root = roots[venv]
+        return prepare(ds, out, splits=("test",), image_backbone=stub_image_backbone(root / "lite0.pth"),
+                       text_backbone=stub_text_backbone(root / "minilm"), threads=1, progress=False, **kw)
+
+    return roots, run
+
+
+def _as_legacy(out: Path) -> None:
+    """Rewrite ``out/meta.json`` as the code before content identities wrote it: backbones recorded as
+    ``[path, size, mtime]`` of their files, and a content hash over those."""
+    meta = json.loads((out / "meta.json").read_text())
+    stat_id = lambda p: [str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]  # noqa: E731
+    bb = meta["config"]["backbones"]
+    bb["image"] = {"name": "efficientnet-lite0", "weights": stat_id(meta["image_backbone"]["weights"])}
+    tdir = Path(meta["text_backbone"]["path"])
+    bb["text"] = {"name": tdir.name, "files": [stat_id(tdir / n) for n in sorted(bb["text"]["files"])]}
+    meta["content_hash"] = "0" * 64
+    for k in ("image_backbone", "text_backbone"):
+        meta[k].pop("sha256", None)
+        meta[k].pop("files_sha256", None)
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+def test_same_weights_in_another_venv_are_the_same_backbone(venvs, tmp_path):
+    roots, run = venvs
+    out = tmp_path / "out"
+    assert run("venv_a", out)["noop"] is False
+    assert run("venv_b", out)["noop"] is True  # was: "already holds prepared features of another image backbone"
+
+
+def test_legacy_folder_with_path_identities_is_reused_when_the_bytes_match(venvs, tmp_path):
+    roots, run = venvs
+    out = tmp_path / "out"
+    run("venv_a", out)
+    _as_legacy(out)
+    before = (out / "test_ims.npy").read_bytes()
+    assert run("venv_b", out)["noop"] is True  # no re-extraction: the recorded files hash the same
+    assert (out / "test_ims.npy").read_bytes() == before
+
+
+def test_legacy_folder_whose_weights_are_gone_is_refused_not_guessed(venvs, tmp_path):
+    roots, run = venvs
+    out = tmp_path / "out"
+    run("venv_a", out)
+    _as_legacy(out)
+    (roots["venv_a"] / "lite0.pth").unlink()  # the venv that wrote it was removed
+    with pytest.raises(ConfigError, match=r"another image backbone.*content cannot be compared.*Nothing was changed"):
+        run("venv_b", out)
+
+
+@pytest.mark.parametrize("changed, what", [("lite0.pth", "another image backbone"),
+                                           ("minilm/model.safetensors", "another text backbone")])
+@pytest.mark.parametrize("legacy", [False, True], ids=["new-meta", "legacy-meta"])
+def test_different_weights_are_still_refused(venvs, tmp_path, changed, what, legacy):
+    roots, run = venvs
+    out = tmp_path / "out"
+    run("venv_a", out)
+    if legacy:
+        _as_legacy(out)
+    (roots["venv_b"] / changed).write_bytes(b"fine-tuned weights, same architecture")
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=what):
+        run("venv_b", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == snapshot
+
+
+def test_file_digest_is_cached_and_notices_changes(tmp_path, monkeypatch):
+    from aahr_fast.utils import filehash
+
+    monkeypatch.setenv("AAHR_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    import hashlib
+
+    assert filehash.file_digest(f) == hashlib.sha256(b"abc").hexdigest()
+    assert str(f) in json.loads(filehash.digest_cache_path().read_text())
+    f.write_bytes(b"abcd")  # size changes: hashed again
+    assert filehash.file_digest(f) == hashlib.sha256(b"abcd").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        filehash.file_digest(tmp_path / "missing.bin")
