@@ -8,6 +8,8 @@ writes the files listed in docs/DESIGN.md ("Prepared feature folder")::
     {split}_ims_global.npy   (N, 1280)      dtype    mean of the regions (or OpenCLIP image vector)
     {split}_caps.txt         M lines                 captions (line breaks inside a caption -> spaces)
     {split}_ids.txt          M lines                 image id of each caption (ims rows: first-appearance order)
+    {split}_images.txt       N lines                 absolute path of the image file of each ims row (index/search
+                                                     thumbnails; folders from before it lack it)
     {split}_txt_tokens.npy   (M, Lmax, 384) dtype    MiniLM last_hidden_state, padded positions 0
     {split}_txt_lens.npy     (M,)           int32    token counts incl. [CLS]/[SEP]
     {split}_txt_global.npy   (M, 384)       dtype    masked mean of the tokens, L2-normalised (or OpenCLIP)
@@ -501,7 +503,7 @@ def _swap_in(out: Path, work: Path, meta: dict) -> None:
 
 
 def _split_files(name: str) -> list[str]:
-    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt",
+    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt", "images.txt",
                                      "txt_tokens.npy", "txt_lens.npy", "txt_global.npy", "txt_input_ids.npy")]
 
 
@@ -866,6 +868,8 @@ def prepare(
                     np.save(fh, input_ids, allow_pickle=False)
                 _write_lines(p("caps.txt"), job.captions)
                 _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
+                # the image file of each image row, so that index / search can show the images
+                _write_lines(p("images.txt"), (os.path.abspath(f) for f in s.image_paths))
                 st = {"images": n, "captions": m, "num_images": n, "num_captions": m, "max_len": int(lmax),
                       "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
                       "token_dim": int(tb.dim), "text_global_dim": int(g_txt),

@@ -342,3 +342,91 @@ def test_file_digest_is_cached_and_notices_changes(tmp_path, monkeypatch):
     assert filehash.file_digest(f) == hashlib.sha256(b"abcd").hexdigest()
     with pytest.raises(FileNotFoundError):
         filehash.file_digest(tmp_path / "missing.bin")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. search --html finds the images the dataset knows, and says so on stderr when it cannot
+
+STUB_DIMS = {"region_dim": 6, "img_global_dim": 6, "token_dim": 8, "txt_global_dim": 8}
+
+
+@pytest.fixture
+def stub_index(tmp_path):
+    """A Flickr-layout dataset prepared with the stub backbones, a tiny run on it and its image index."""
+    from aahr_fast.index import build_index
+    from aahr_fast.prepare import prepare
+
+    ds = _flickr(tmp_path / "ds", ["c.jpg", "a.jpg", "b.jpg"])
+    prep = tmp_path / "prep"
+    prepare(ds, prep, splits=("test",), **_prepare_kw(tmp_path))
+    run = _save_run(tmp_path / "run", {"path": str(prep)}, dims=STUB_DIMS)
+    build_index(run, tmp_path / "idx", data=prep, split="test", modality="image", log=lambda m: None)
+    return ds, prep, tmp_path / "idx"
+
+
+def _result(idx: Path) -> dict:
+    from aahr_fast.index import GalleryIndex
+
+    gi = GalleryIndex.load(idx)
+    return {"index": str(idx), "modality": "image", "index_kind": "flat", "query": {"kind": "text", "value": "q"},
+            "results": [{"rank": j + 1, "score": 0.0, **gi.item(j)} for j in range(gi.ntotal)]}
+
+
+def test_prepare_records_image_files_and_index_stores_them(stub_index):
+    ds, prep, idx = stub_index
+    rows = (prep / "test_images.txt").read_text().splitlines()
+    ids = list(dict.fromkeys((prep / "test_ids.txt").read_text().split()))  # ims row order
+    assert rows == [str((ds / "images" / i).resolve()) for i in ids]
+    items = json.loads((idx / "items.json").read_text())
+    assert items["image_paths"] == rows
+
+
+def test_html_without_image_dir_shows_the_recorded_images(stub_index, tmp_path):
+    from aahr_fast.index import _image_paths
+    from aahr_fast.search import missing_images_note, render_html
+
+    ds, prep, idx = stub_index
+    res = _result(idx)
+    # the dataset folder is the only place the images are: index must not need it re-readable
+    (prep / "meta.json").write_text(json.dumps({**json.loads((prep / "meta.json").read_text()), "dataset": None}))
+    assert _image_paths({"dataset": None}, "test", [r["image_id"] for r in res["results"]], prep) == \
+        [r["image_path"] for r in res["results"]]
+    assert render_html(res, tmp_path / "out.html") == 3
+    page = (tmp_path / "out.html").read_text()
+    assert page.count("<img ") == 3 and "(no image file)" not in page
+    assert missing_images_note(res) is None
+
+
+def test_html_without_any_image_file_says_which_flag_fixes_it(stub_index, tmp_path, monkeypatch, capsys):
+    import aahr_fast.search as search_mod
+
+    ds, prep, idx = stub_index
+    res = _result(idx)
+    for r in res["results"]:
+        r["image_path"] = None  # an index that records no image files
+    monkeypatch.setattr(search_mod, "search", lambda *a, **k: res)
+    assert search_mod.main(["--index", str(idx), "--text", "q", "--html", str(tmp_path / "o.html")]) == 0
+    err = capsys.readouterr().err
+    assert "3 of 3 results have no image file" in err and "records no image files" in err
+    assert "--image-dir FOLDER" in err
+    # --image-dir fixes it, and then nothing is said
+    assert search_mod.main(["--index", str(idx), "--text", "q", "--html", str(tmp_path / "o.html"),
+                            "--image-dir", str(ds / "images")]) == 0
+    err = capsys.readouterr().err
+    assert "no image file" not in err
+    assert (tmp_path / "o.html").read_text().count("<img ") == 3
+    # recorded files that are gone are named
+    res["results"][0]["image_path"] = str(tmp_path / "gone.jpg")
+    assert search_mod.main(["--index", str(idx), "--text", "q", "--html", str(tmp_path / "o.html")]) == 0
+    assert "1 image files the index records no longer exist" in capsys.readouterr().err
+
+
+def test_index_finds_synthetic_images_of_folders_prepared_before_images_txt(tmp_path):
+    from aahr_fast.data.synthetic import make_synthetic
+    from aahr_fast.index import _image_paths
+
+    root = tmp_path / "synthetic"
+    test = make_synthetic(root, n_train=2, n_dev=1, n_test=2, seed=0)["test"]
+    meta = {"dataset": "<in-memory splits>", "sources": {"test": str(root)}}
+    paths = _image_paths(meta, "test", test.image_ids, tmp_path / "prepared-without-images-txt")
+    assert paths == [str(p.resolve()) for p in test.image_paths] and all(Path(p).is_file() for p in paths)
