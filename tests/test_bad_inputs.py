@@ -898,6 +898,40 @@ def _(w):
     return _prepare(w, ds, w.tmp / "out")
 
 
+def _coco(path: Path, ids: list[int]) -> Path:
+    """A COCO ``captions_*.json`` with images ``ids`` (random JPEGs ``<id>.jpg`` beside it), 2 captions each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        _jpeg(path.parent / f"{i}.jpg", i)
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in ids],
+            "annotations": [{"id": 10 * i + j, "image_id": i, "caption": f"a photo {i} take {j}"}
+                            for i in ids for j in range(2)]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+@case("prepare/splits-share-images", ConfigError, "splits train, dev and test share images",
+      "train & test: 2 of 2 / 2 images", "{tmp}/coco/captions_val2017.json", "--split-source", "Nothing was written",
+      keep=_no_meta("out"))
+def _(w):
+    from aahr_fast.prepare import prepare
+
+    js = _coco(w.tmp / "coco" / "captions_val2017.json", [1, 2])
+    return lambda: prepare(str(js), w.tmp / "out", image_backbone=w.image_backbone, text_backbone=stub_text_backbone(),
+                           threads=1, progress=False)
+
+
+@case("prepare/split-sources-share-an-image", DataError, "split 'test'", "{tmp}/b/captions_b.json",
+      "{tmp}/a/captions_a.json", "both hold image id '2'", keep=_no_meta("out"))
+def _(w):
+    from aahr_fast.prepare import prepare
+
+    a, b = _coco(w.tmp / "a" / "captions_a.json", [1, 2]), _coco(w.tmp / "b" / "captions_b.json", [2, 3])
+    return lambda: prepare({"test": [str(a), str(b)]}, w.tmp / "out", splits=("test",),
+                           image_backbone=w.image_backbone, text_backbone=stub_text_backbone(), threads=1,
+                           progress=False)
+
+
 # ====================================================================================================
 # 6. NaN / Inf in features
 
@@ -1849,6 +1883,19 @@ def _(w):
 def _(w):
     ds = _flickr(w.tmp / "ds", 2, captions=[("im0.jpg", "a dog"), ("im0.jpg", "a brown dog"), ("im1.jpg", "  ")])
     return [str(ds), str(w.tmp / "out"), "--splits", "test"]
+
+
+@cli_case("cli/prepare-one-coco-json-as-three-splits", "prepare", "splits train, dev and test share images",
+          "dev & test: 2 of 2 / 2 images", "--split-source train=", proc=True, keep=_no_meta("out"))
+def _(w):
+    js = _coco(w.tmp / "coco" / "captions_val2017.json", [5, 6])
+    return [str(js), str(w.tmp / "out"), "--threads", "1", "--no-progress"]
+
+
+@cli_case("cli/prepare-split-source-malformed", "prepare", "--split-source 'test:a.json'",
+          "expected SPLIT=SOURCE[,SOURCE...]", keep=_no_meta("out"))
+def _(w):
+    return [str(w.tmp / "out"), "--split-source", "test:a.json"]
 
 
 @cli_case("cli/index-checkpoint-on-other-dims", "index", "{run}/" + WEIGHTS, "region_dim: checkpoint 64 != data 40",
