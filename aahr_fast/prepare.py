@@ -1028,7 +1028,7 @@ def dataset_from_args(dataset: str | None, splits: str | None, split_sources: Se
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
     ap = build_parser()
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # DATASET is optional: positionals may come after options
     try:
         spec, splits = dataset_from_args(a.dataset, a.splits, a.split_source)
         prepare(spec, a.out_dir, splits=splits, batch_size=a.batch_size,

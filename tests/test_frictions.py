@@ -430,3 +430,19 @@ def test_index_finds_synthetic_images_of_folders_prepared_before_images_txt(tmp_
     meta = {"dataset": "<in-memory splits>", "sources": {"test": str(root)}}
     paths = _image_paths(meta, "test", test.image_ids, tmp_path / "prepared-without-images-txt")
     assert paths == [str(p.resolve()) for p in test.image_paths] and all(Path(p).is_file() for p in paths)
+
+
+@pytest.mark.parametrize("argv, spec, splits", [
+    (["DS", "--splits", "test", "OUT"], "DS", ["test"]),        # options between the two positionals
+    (["--splits", "dev,test", "DS", "OUT"], "DS", ["dev", "test"]),
+    (["OUT", "--split-source", "test=a.json,b.json"], {"test": ["a.json", "b.json"]}, ["test"]),
+    (["DS", "OUT", "--split-source", "test=c.json"], {"train": "DS", "dev": "DS", "test": ["c.json"]},
+     ["train", "dev", "test"]),
+])
+def test_prepare_cli_reads_dataset_out_and_split_sources(monkeypatch, argv, spec, splits):
+    import aahr_fast.prepare as prepare_mod
+
+    got = {}
+    monkeypatch.setattr(prepare_mod, "prepare", lambda s, out, **kw: got.update(spec=s, out=out, splits=kw["splits"]))
+    assert prepare_mod.main(argv) == 0
+    assert got == {"spec": spec, "out": "OUT", "splits": splits}
