@@ -446,3 +446,42 @@ def test_prepare_cli_reads_dataset_out_and_split_sources(monkeypatch, argv, spec
     monkeypatch.setattr(prepare_mod, "prepare", lambda s, out, **kw: got.update(spec=s, out=out, splits=kw["splits"]))
     assert prepare_mod.main(argv) == 0
     assert got == {"spec": spec, "out": "OUT", "splits": splits}
+
+
+def test_every_cli_with_data_uses_the_one_resolver(tmp_path, monkeypatch, capsys):
+    """Every ``python -m aahr_fast.<cli>`` whose parser has ``--data`` resolves it with
+    ``aahr_fast.train.resolve_data`` (so they accept the same values): a sentinel resolver is reached
+    from each of them."""
+    import importlib
+    import pkgutil
+
+    import aahr_fast
+    import aahr_fast.train as train_mod
+    from aahr_fast.data.toy import write_toy_features
+    from aahr_fast.utils.errors import DataError
+
+    clis = []
+    for info in pkgutil.iter_modules(aahr_fast.__path__):
+        try:
+            mod = importlib.import_module(f"aahr_fast.{info.name}")
+        except ImportError:
+            continue
+        parser = getattr(mod, "build_parser", None)
+        if callable(parser) and any("--data" in a.option_strings for a in parser()._actions):
+            clis.append(info.name)
+    assert {"train", "evaluate", "index"} <= set(clis)
+
+    def sentinel(cfg, log=print):
+        raise DataError(f"SENTINEL resolver reached with {cfg.data.path!r}")
+
+    monkeypatch.setattr(train_mod, "resolve_data", sentinel)
+    toy = tmp_path / "toy"
+    write_toy_features(toy, {"train": 3, "dev": 3, "test": 3}, seed=0)
+    run = _save_run(tmp_path / "run", {"path": str(toy)})
+    extra = {"train": ["--out", str(tmp_path / "r")], "evaluate": ["--checkpoint", str(run)],
+             "index": ["--checkpoint", str(run), "--modality", "image", "--out", str(tmp_path / "idx")]}
+    for name in clis:
+        mod = importlib.import_module(f"aahr_fast.{name}")
+        assert mod.main([*extra.get(name, []), "--data", "synthetic"]) == 2, name
+        err = capsys.readouterr().err
+        assert "SENTINEL resolver reached with 'synthetic'" in err, (name, err)
