@@ -30,7 +30,6 @@ embedded in each checkpoint, so a run can be rebuilt from its folder alone.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -41,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from aahr_fast.utils.errors import ConfigError
+from aahr_fast.utils.errors import ConfigError, unknown_key_error
+from aahr_fast.utils.errors import suggest_key as _suggest
 from aahr_fast.utils.io import atomic_write
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "validate_config",
     "save_config",
     "diff_configs",
+    "unknown_key_error",
 ]
 
 #: Folder of the shipped YAML configs (installed as package data).
@@ -340,31 +341,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except Exception as err:  # noqa: BLE001 - any constructor failure is a config error
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({err})") from None
     return value
-
-
-def _suggest(name: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def unknown_key_error(prefix: str, name: str, valid: Sequence[str]) -> ConfigError:
-    """The ConfigError for an unknown config key, with the closest valid key suggested (``difflib``).
-
-    Args:
-        prefix: dotted section of the key (``"model"``), or ``""`` for a bare key.
-        name: the unknown key. valid: the valid keys of that section, listed in the message.
-    Returns:
-        ``ConfigError("unknown config key 'model.num_prototype'; did you mean 'model.num_prototypes'? (valid
-        keys of model: ...)")`` (not raised: the caller raises it). Shared by the YAML / override loader and
-        :meth:`aahr_fast.models.config.ModelConfig.from_dict`.
-    """
-    full = f"{prefix}.{name}" if prefix else name
-    hint = _suggest(name, valid)
-    if hint:
-        close = hint.split("'")[1]
-        hint = f"; did you mean {(prefix + '.' + close) if prefix else close!r}?"
-    return ConfigError(f"unknown config key {full!r}{hint} (valid keys{' of ' + prefix if prefix else ''}: "
-                       f"{', '.join(valid)})")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:

@@ -63,8 +63,9 @@ from aahr_fast.checkpoint import (
     update_pointer,
 )
 from aahr_fast.config import TrainConfig, config_to_dict, save_config
+from aahr_fast.metrics_log import MetricsLog  # re-exported: engine.MetricsLog is public
 from aahr_fast.utils.errors import AAHRError, CheckpointError, ConfigError
-from aahr_fast.utils.io import atomic_save_json, atomic_write
+from aahr_fast.utils.io import atomic_save_json
 
 __all__ = [
     "NonFiniteLossError",
@@ -244,46 +245,6 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended and flushed as training goes.
-
-    Record types: ``step`` (epoch, step, loss, parts, lr, grad_norm), ``skip`` (a non-finite step),
-    ``epoch`` (epoch, step, train_loss, dev metrics, lr, seconds), ``resume``, ``stop``. Appends are
-    plain line writes (a log, not a result file); a crash can leave at most a partial last line,
-    which :meth:`read` ignores, and on resume :meth:`truncate_to_step` rewrites the file atomically
-    without the records past the checkpoint.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-
-    @staticmethod
-    def read(path: str | os.PathLike) -> list[dict]:
-        """All complete records of a metrics file (a truncated last line is skipped)."""
-        out = []
-        p = Path(path)
-        if not p.is_file():
-            return out
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def truncate_to_step(self, step: int) -> None:
-        """Keep only records with ``step <= step`` (events without a step are kept)."""
-        keep = [r for r in self.read(self.path) if r.get("step", -1) <= step]
-        with atomic_write(self.path, "w") as fh:
-            for r in keep:
-                fh.write(json.dumps(r) + "\n")
 
 
 class _NullMetricsLog(MetricsLog):

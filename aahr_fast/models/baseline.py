@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aahr_fast.models.aahr import ScheduleMixin, _check_ids, check_dims, split_param_groups
+from aahr_fast.models.common import ScheduleMixin, check_dims, check_ids, split_param_groups
 from aahr_fast.models.config import ModelConfig
 from aahr_fast.models.encoders import TextBackbone, check_fragments, text_token_features
 from aahr_fast.models.losses import matching_loss
@@ -69,7 +69,7 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         f_v, f_t = self.encode_images(batch), self.encode_texts(batch)
         if f_v.shape[0] != f_t.shape[0]:
             raise DataError(f"batch has {f_v.shape[0]} images but {f_t.shape[0]} captions")
-        ids = _check_ids(batch, f_v.shape[0]).to(f_v.device)
+        ids = check_ids(batch, f_v.shape[0]).to(f_v.device)
         if self._dist is not None:   # in-batch negatives over the global batch (differentiable gather)
             from aahr_fast.distributed import all_gather_grad, all_gather_nograd
 
