@@ -182,6 +182,14 @@ class RunConfig:
         log_every_steps: append a step record to metrics.jsonl every N steps.
         max_nonfinite_steps: stop after this many consecutive steps with a non-finite loss or
             gradient (each one is skipped and logged); the last good checkpoint is kept.
+        collapse_patience: stop when training has looked collapsed (see :mod:`aahr_fast.collapse`) for
+            this many iterations in a row (0 = report collapse but never stop). No checkpoint is written
+            while it lasts, so the last good checkpoint is kept. Checked at every logged step.
+        collapse_min_spread: a batch whose final image or text embeddings have a spread (RMS distance of
+            the L2-normalised rows from their mean, 0..1) below this looks collapsed (0 = no spread check).
+        collapse_loss_rtol: a loss equal to the previous checked one within this relative tolerance
+            looks collapsed (stuck at a degenerate constant; a loss of exactly 0 never does); null = no
+            loss check.
         eval_every_epochs: evaluate on the dev split every N epochs (and always after the last).
         progress: show a tqdm progress bar.
         plots: write PNG plots (loss curves, dev rsum) after every epoch.
@@ -198,6 +206,9 @@ class RunConfig:
     save_every_steps: int = 0
     log_every_steps: int = 1
     max_nonfinite_steps: int = 10
+    collapse_patience: int = 50
+    collapse_min_spread: float = 1e-3
+    collapse_loss_rtol: float | None = 1e-6
     eval_every_epochs: int = 1
     progress: bool = True
     plots: bool = True
@@ -557,11 +568,16 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                          ("run.save_every_steps", r.save_every_steps, 0),
                          ("run.log_every_steps", r.log_every_steps, 1),
                          ("run.max_nonfinite_steps", r.max_nonfinite_steps, 1),
+                         ("run.collapse_patience", r.collapse_patience, 0),
                          ("run.eval_every_epochs", r.eval_every_epochs, 1),
                          ("run.keep_checkpoints", r.keep_checkpoints, 0),
                          ("data.prepare_batch_size", d.prepare_batch_size, 1)):
         if val < lo:
             raise ConfigError(f"{key}={val}: needs >= {lo}")
+    if not (0 <= r.collapse_min_spread < 1):
+        raise ConfigError(f"run.collapse_min_spread={r.collapse_min_spread}: expected a value in [0, 1) (0 = off)")
+    if r.collapse_loss_rtol is not None and not (0 <= r.collapse_loss_rtol < 1):
+        raise ConfigError(f"run.collapse_loss_rtol={r.collapse_loss_rtol}: expected a value in [0, 1) or null (off)")
     if r.threads is not None and r.threads < 1:
         raise ConfigError(f"run.threads={r.threads}: needs >= 1 or null")
     if d.dev_max_images is not None and d.dev_max_images < 1:

@@ -118,7 +118,8 @@ class AAHR(ScheduleMixin, nn.Module):
                 and self.queue_v.is_full and self.queue_t.is_full)
 
     def training_step(self, batch: dict, step: int, generator: torch.Generator) -> dict:
-        """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}}``.
+        """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}, "embeddings":
+        (f_v, f_t)}`` (the detached final (B, D) embeddings, global batch when distributed).
 
         Parts: ``base``, and when enabled ``proto``, ``gnn``, ``moco`` (unweighted values; 0.0 before
         their start step, when they are not computed), plus ``total``. The momentum keys of this batch
@@ -201,7 +202,8 @@ class AAHR(ScheduleMixin, nn.Module):
             else:
                 parts["moco"] = 0.0
         parts["total"] = float(total.detach())
-        return {"loss": total, "parts": parts}
+        # detached final embeddings of the (global) batch: the trainer's collapse check reads their spread
+        return {"loss": total, "parts": parts, "embeddings": (img.fused.detach(), txt.fused.detach())}
 
     @torch.no_grad()
     def on_after_optimizer_step(self) -> None:
