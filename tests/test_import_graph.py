@@ -168,10 +168,33 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 def describe_cycle(cycle: list[str], graph: dict[str, dict[str, int]], modules: dict[str, Path],
                    root: Path = REPO) -> str:
-    """``a -> b -> a``, then one line per hop with the file (relative to ``root``) and line of the import."""
+    """``a -> b -> a``, then one line per hop with the file (relative to ``root``) and line of the import,
+    and, when more modules are tangled with these (same strongly connected component), their names."""
     hops = [f"{a} imports {b} ({modules[a].relative_to(root).as_posix()}:{graph[a][b]})"
             for a, b in zip(cycle, cycle[1:])]
-    return " -> ".join(cycle) + ":\n    " + "\n    ".join(hops)
+    text = " -> ".join(cycle) + ":\n    " + "\n    ".join(hops)
+    tangled = sorted(_reachable(graph, cycle[0]) & _reachable(_reverse(graph), cycle[0]) - set(cycle))
+    if tangled:
+        text += "\n    also in cycles with these modules: " + ", ".join(tangled)
+    return text
+
+
+def _reverse(graph: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    rev: dict[str, dict[str, int]] = {k: {} for k in graph}
+    for a, edges in graph.items():
+        for b, line in edges.items():
+            rev[b][a] = line
+    return rev
+
+
+def _reachable(graph: dict[str, dict[str, int]], start: str) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
 
 
 def test_the_package_has_no_import_cycle():
@@ -223,3 +246,31 @@ def test_the_failure_message_names_the_cycle(tmp_path):
         "aahr_fast.x -> aahr_fast.y -> aahr_fast.x:\n"
         "    aahr_fast.x imports aahr_fast.y (aahr_fast/x.py:1)\n"
         "    aahr_fast.y imports aahr_fast.x (aahr_fast/y.py:2)")
+
+
+def test_the_message_names_every_module_of_a_tangle(tmp_path):
+    modules = _fake_package(tmp_path, {"__init__.py": "", "p.py": "import aahr_fast.q\n",
+                                       "q.py": "import aahr_fast.p\nimport aahr_fast.r\n", "r.py": "import aahr_fast.q\n"})
+    graph = import_graph(modules)
+    cycles = find_cycles(graph)
+    assert cycles == [["aahr_fast.p", "aahr_fast.q", "aahr_fast.p"]]
+    assert describe_cycle(cycles[0], graph, modules, tmp_path).endswith(
+        "also in cycles with these modules: aahr_fast.r")
+
+
+def test_the_triton_glue_loads_a_kernel_module_it_was_not_given(tmp_path):
+    """The glue no longer imports kernel modules; before a family registered, it loads it through the
+    dispatcher's plugin import (fresh interpreter, Triton interpreter mode)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import sys; from aahr_fast.ops._triton_glue import _kernels\n"
+            "assert 'aahr_fast.kernels.correlation' not in sys.modules\n"
+            "m = _kernels('correlation'); print(m.__name__, hasattr(m, 'assemble_correlation'))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["aahr_fast.kernels.correlation", "True"]
