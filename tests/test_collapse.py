@@ -165,7 +165,12 @@ def test_a_run_that_ends_collapsed_without_any_checkpoint_stops(toy_dir, tmp_pat
 def test_a_healthy_run_is_not_flagged(toy_dir, tmp_path):
     """The 2-epoch toy run (every branch on: prototypes and graph start half-way) with patience 1."""
     cfg = _cfg(collapse_patience=1)
-    Trainer(cfg, toy_dir, tmp_path / "run", log=lambda m: None).fit()   # patience 1: any flag would stop it
+    trainer = Trainer(cfg, toy_dir, tmp_path / "run", log=lambda m: None)
+    trainer.fit()   # patience 1: any flag would stop it
+    # the monitor's state (the previous checked loss) is in the checkpoint: a resume continues the check
+    resumed = Trainer(cfg, toy_dir, tmp_path / "run", resume=True, log=lambda m: None)
+    assert resumed.collapse.state_dict() == trainer.collapse.state_dict()
+    assert resumed.collapse.prev_loss is not None
     records = MetricsLog.read(tmp_path / "run" / "metrics.jsonl")
     steps = [r for r in records if r["type"] == "step"]
     assert len(steps) == 62 and not any(r["type"] in ("collapse", "stop") for r in records)
