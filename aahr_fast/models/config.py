@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from aahr_fast.utils.errors import ConfigError
+from aahr_fast.utils.errors import ConfigError, unknown_key_error
 
 StartSpec = Union[int, float, str]
 
@@ -197,13 +197,11 @@ class ModelConfig:
 
         Raises:
             ConfigError: an unknown key (the first in sorted order; the closest valid key is suggested, the
-                same message as the YAML loader's: ``aahr_fast.config.unknown_key_error``), or an invalid value.
+                same message as the YAML loader's: ``aahr_fast.utils.errors.unknown_key_error``), or an invalid value.
         """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            from aahr_fast.config import unknown_key_error  # lazily: aahr_fast.config imports this module lazily
-
             err = unknown_key_error("", unknown[0], sorted(names))
             more = f" (unknown keys: {unknown})" if len(unknown) > 1 else ""
             raise ConfigError(f"ModelConfig: {err}{more}")
