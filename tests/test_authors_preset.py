@@ -175,3 +175,17 @@ def test_whole_preset_changes_a_trained_step():
         torch.manual_seed(1)
         parts[preset] = model.training_step(bt, 0, torch.Generator().manual_seed(0))["parts"]["base"]
     assert parts["ours"] != pytest.approx(parts["authors"])
+
+
+def test_checkpoint_written_before_the_new_keys_still_matches_its_config():
+    """Resume compares the checkpoint's stored model config with the current one: a config stored before the
+    preset keys existed resolves to the same values (ours; the authors' four with paper_compat)."""
+    from aahr_fast.checkpoint import _diff, _resolved_model_config
+    from aahr_fast.config import config_to_dict
+
+    for compat in (False, True):
+        current = config_to_dict(ModelConfig(paper_compat=compat))
+        old = {k: v for k, v in current.items() if k not in KEYS + ("preset",)}
+        old["moco_mask_same_image"] = True                # the old default, overridden by paper_compat
+        assert _diff(_resolved_model_config(old), current) == [], compat
+    assert _resolved_model_config({"no_such_key": 1}) == {"no_such_key": 1}
