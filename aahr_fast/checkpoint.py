@@ -260,6 +260,20 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint {a!r} != current {b!r}"]
 
 
+def _resolved_model_config(stored: Any) -> Any:
+    """A checkpoint's stored model config with the keys added since it was written filled in as the code
+    resolves them (defaults, ``preset``), so an older checkpoint compares equal to the config rebuilt from
+    it. Falls back to ``stored`` unchanged when it does not build (e.g. a non-AAHR config). Raises nothing."""
+    if not isinstance(stored, dict):
+        return stored
+    try:
+        from aahr_fast.models.config import ModelConfig
+
+        return ModelConfig(**stored).to_dict()
+    except Exception:  # noqa: BLE001 - comparison then happens on the raw dict, as before
+        return stored
+
+
 def load_weights(model: torch.nn.Module, ref: CheckpointRef | str | os.PathLike, *,
                  expected_model_config: dict | None = None, expected_dims: dict | None = None) -> dict:
     """Load checkpoint weights into ``model`` (strict: every parameter and buffer must match).
@@ -285,7 +299,8 @@ def load_weights(model: torch.nn.Module, ref: CheckpointRef | str | os.PathLike,
     if expected_dims is not None:
         problems += [f"feature dim {d}" for d in _diff(meta["dims"], expected_dims)]
     if expected_model_config is not None:
-        problems += [f"config model.{d}" for d in _diff(meta["config"].get("model", {}), expected_model_config)]
+        problems += [f"config model.{d}" for d in _diff(_resolved_model_config(meta["config"].get("model", {})),
+                                                         expected_model_config)]
     if problems:
         raise CheckpointError(f"{ref.weights}: checkpoint was trained with a different setup: "
                               + "; ".join(problems))

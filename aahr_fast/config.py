@@ -94,6 +94,12 @@ class DataConfig:
             ``dev_split`` only (never the test split).
         protocol: test protocol, ``"1k"`` (whole test matrix, Flickr), ``"coco5fold"`` or ``"5k"``.
         region_drop: size augmentation, probability of dropping each region in training (GPO).
+        word_mask_prob: word masking in training (the authors' ``process_caption_bert``): probability that
+            a word of a caption is selected (authors 0.2; 0 = off, the default). Fine-tuned text
+            (``model.text_mode: finetune``): whole words on token ids; frozen token features: per token,
+            see :class:`aahr_fast.data.features.WordMasking` and docs/FIDELITY.md.
+        word_mask_split: ``[mask, random, delete]`` fractions of the selected words (authors 0.5 / 0.1 /
+            0.4): replaced by [MASK], by random tokens, or deleted. Must sum to 1.
         num_workers: DataLoader worker processes (0 = load in the main process).
         eval_batch_size: items per forward pass when encoding dev/test images and captions.
         dev_max_images: evaluate model selection on only the first N dev images (None = all).
@@ -110,6 +116,8 @@ class DataConfig:
     test_split: str = "test"
     protocol: str = "1k"
     region_drop: float = 0.2
+    word_mask_prob: float = 0.0
+    word_mask_split: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.4])
     num_workers: int = 0
     eval_batch_size: int = 256
     dev_max_images: int | None = None
@@ -564,6 +572,12 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.protocol={d.protocol!r}: expected one of {list(_PROTOCOLS)}")
     if not (0 <= d.region_drop < 1):
         raise ConfigError(f"data.region_drop={d.region_drop}: expected a probability in [0, 1)")
+    if not (0 <= d.word_mask_prob < 1):
+        raise ConfigError(f"data.word_mask_prob={d.word_mask_prob}: expected a probability in [0, 1) (0 = off)")
+    split = list(d.word_mask_split)
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise ConfigError(f"data.word_mask_split={split}: expected three non-negative fractions [mask, random, "
+                          f"delete] summing to 1 (authors: [0.5, 0.1, 0.4])")
     for key, val, lo in (("data.num_workers", d.num_workers, 0), ("data.eval_batch_size", d.eval_batch_size, 1),
                          ("run.save_every_steps", r.save_every_steps, 0),
                          ("run.log_every_steps", r.log_every_steps, 1),

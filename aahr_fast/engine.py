@@ -306,6 +306,19 @@ def _text_field(model_cfg: Any) -> str:
     return "input_ids" if getattr(model_cfg, "text_mode", "frozen") == "finetune" else "tokens"
 
 
+def _word_masking(data_cfg: Any, model_cfg: Any) -> Any:
+    """The training set's :class:`~aahr_fast.data.features.WordMasking` (None when ``data.word_mask_prob``
+    is 0): on token ids with the fine-tuned backbone's tokenizer, else on frozen token features."""
+    prob = float(getattr(data_cfg, "word_mask_prob", 0.0))
+    if prob <= 0:
+        return None
+    from aahr_fast.data.features import WordMasking, word_masking_for_tokenizer
+
+    if _text_field(model_cfg) == "input_ids":
+        return word_masking_for_tokenizer(prob, data_cfg.word_mask_split, getattr(model_cfg, "text_backbone_path", None))
+    return WordMasking(prob, data_cfg.word_mask_split)
+
+
 def _uses_global(model_cfg: Any) -> bool:
     return bool(getattr(model_cfg, "use_global", True)) and getattr(model_cfg, "arch", "aahr") == "aahr"
 
@@ -481,7 +494,8 @@ class Trainer:
         self.dev_fs = open_feature_split(self.data_dir, d.dev_split)
         self.dims = feature_dims(self.train_fs)
         self.train_set = CaptionDataset(self.train_fs, train=True, region_drop=d.region_drop,
-                                        text=_text_field(m), with_global=_uses_global(m), seed=run.seed)
+                                        text=_text_field(m), with_global=_uses_global(m), seed=run.seed,
+                                        word_mask=_word_masking(d, m))
         n = len(self.train_set)
         bs = cfg.optim.batch_size
         if n < bs:

@@ -192,7 +192,7 @@ class AAHR(ScheduleMixin, nn.Module):
             if self.training:
                 self._pending = (k_v, k_t, ids)
             if self.moco_active(step):
-                mask = cfg.moco_mask_same_image and not cfg.paper_compat
+                mask = cfg.moco_mask_same_image   # paper_compat / preset=authors set it False
                 lm = queue_infonce(v_hat, k_t, self.queue_t.feats, tau=cfg.moco_tau, q_ids=ids,
                                    queue_ids=self.queue_t.ids, mask_same_image=mask) \
                     + queue_infonce(t_hat, k_v, self.queue_v.feats, tau=cfg.moco_tau, q_ids=ids,

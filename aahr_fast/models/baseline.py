@@ -35,7 +35,7 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         cfg.validate()
         dims = check_dims(dims)
         self.cfg, self.dims = cfg, dims
-        self.backbone = TextBackbone(cfg.text_backbone_path) if cfg.text_mode == "finetune" else None
+        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
         tdim = self.backbone.hidden_size if self.backbone is not None else dims["token_dim"]
         self.img_fc = nn.Linear(dims["region_dim"], cfg.embed_dim)
         self.txt_fc = nn.Linear(tdim, cfg.embed_dim)
