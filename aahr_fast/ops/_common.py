@@ -133,3 +133,25 @@ def check_positive(op: str, name: str, value: float, *, allow_zero: bool = False
 def length_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Boolean (B, max_len) mask, True for positions < lens[b]."""
     return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def check_no_inf(op: str, name: str, x, *, why: str = "") -> None:
+    """Raise DataError naming the first +inf / -inf entry of ``x`` (row-major index and value).
+
+    A host-reading value check (one reduction and one host sync when the tensor is clean): it runs only when
+    :func:`value_checks_enabled` allows it, so a compiled / ``value_checks(False)`` / meta caller gets the
+    op's documented non-finite result instead. NaN is not looked for (each op documents how NaN propagates).
+    ``x`` may be None (optional input: nothing to check).
+    """
+    if x is None or not value_checks_enabled(x):
+        return
+    with torch.no_grad():
+        inf = torch.isinf(x)
+        if not bool(inf.any()):
+            return
+        where = inf.nonzero()
+    first = where[0]
+    idx = ", ".join(str(int(v)) for v in first)
+    val = float(x.detach()[tuple(int(v) for v in first)])
+    raise DataError(f"{op}: {name}[{idx}] = {val} is infinite ({where.shape[0]} infinite entries in {name} of "
+                    f"shape {tuple(x.shape)}){'; ' + why if why else ''}")
