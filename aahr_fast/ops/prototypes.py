@@ -104,7 +104,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3, *, backen
     check_nonempty(op, **{"scores.shape[0] (B)": scores.shape[0], "scores.shape[1] (K)": scores.shape[1]})
     check_positive(op, "eps", eps)
     _check_iters(op, n_iters)
-    check_no_inf(op, "scores", scores, why=_INF_WHY)
+    check_no_inf(op, why=_INF_WHY, scores=scores)
     opts = dict(eps=float(eps), n_iters=n_iters)
     _, fn = dispatch(op, backend, scores, options=opts)
     return fn(scores, **opts)
@@ -170,8 +170,7 @@ def swapped_prediction_loss(
     check_positive(op, "eps", eps)
     check_positive(op, "tau", tau)
     _check_iters(op, n_iters)
-    for name, x in (("x_v", x_v), ("x_t", x_t), ("prototypes", prototypes), ("queue_v", queue_v), ("queue_t", queue_t)):
-        check_no_inf(op, name, x, why=_INF_WHY)
+    check_no_inf(op, why=_INF_WHY, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
     dt = common_float_dtype(op, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
     x_v, x_t, prototypes = x_v.to(dt), x_t.to(dt), prototypes.to(dt)
     queue_v = queue_v.to(dt) if queue_v is not None else None
