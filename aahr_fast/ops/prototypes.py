@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..utils.errors import ConfigError, DataError
-from ._common import check_no_inf, check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype
+from ._common import (check_no_inf, check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype,
+                      value_checks_enabled)
 from ._dispatch import dispatch, register
 
 __all__ = ["sinkhorn", "swapped_prediction_loss", "sinkhorn_reference", "swapped_prediction_loss_reference"]
@@ -104,10 +105,14 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3, *, backen
     check_nonempty(op, **{"scores.shape[0] (B)": scores.shape[0], "scores.shape[1] (K)": scores.shape[1]})
     check_positive(op, "eps", eps)
     _check_iters(op, n_iters)
-    check_no_inf(op, why=_INF_WHY, scores=scores)
     opts = dict(eps=float(eps), n_iters=n_iters)
     _, fn = dispatch(op, backend, scores, options=opts)
-    return fn(scores, **opts)
+    codes = fn(scores, **opts)
+    # Non-finite scores make every code NaN on every backend, so one code tells whether the input needs
+    # scanning for +-inf: a one-element host read instead of a reduction over all B x K scores per call.
+    if value_checks_enabled(scores) and bool(torch.isnan(codes[0, 0])):
+        check_no_inf(op, why=_INF_WHY, scores=scores)
+    return codes
 
 
 def swapped_prediction_loss(
@@ -170,14 +175,17 @@ def swapped_prediction_loss(
     check_positive(op, "eps", eps)
     check_positive(op, "tau", tau)
     _check_iters(op, n_iters)
-    check_no_inf(op, why=_INF_WHY, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
     dt = common_float_dtype(op, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
     x_v, x_t, prototypes = x_v.to(dt), x_t.to(dt), prototypes.to(dt)
     queue_v = queue_v.to(dt) if queue_v is not None else None
     queue_t = queue_t.to(dt) if queue_t is not None else None
     opts = dict(eps=float(eps), n_iters=n_iters, tau=float(tau), queue_v=queue_v, queue_t=queue_t)
     _, fn = dispatch(op, backend, x_v, x_t, prototypes, options=dict(eps=eps, n_iters=n_iters, tau=tau))
-    return fn(x_v, x_t, prototypes, **opts)
+    loss = fn(x_v, x_t, prototypes, **opts)
+    # +-inf anywhere makes the loss NaN on every backend: read the 0-d loss once, scan the inputs only then.
+    if value_checks_enabled(x_v) and not bool(torch.isfinite(loss)):
+        check_no_inf(op, why=_INF_WHY, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
+    return loss
 
 
 register("sinkhorn", "reference", sinkhorn_reference)
