@@ -160,7 +160,10 @@ def _xsim_fwd_kernel(
 
 @triton.jit
 def _argmax_onehot(x, AXIS: tl.constexpr, IDX):
-    """One-hot (same shape as x) of the first maximum of x along AXIS; IDX = broadcastable index grid."""
+    """One-hot (same shape as x) of the first maximum of x along AXIS; IDX = broadcastable index grid.
+    NaN ranks above every number (as in torch.max, whose index is the first NaN): x is never +inf here
+    (cosines, normalised scores, -inf padding), so NaN is mapped to +inf."""
+    x = tl.where(x != x, float("inf"), x)
     mx = tl.max(x, axis=AXIS)
     mx = tl.expand_dims(mx, AXIS)
     big = tl.full(IDX.shape, 1 << 30, tl.int32)

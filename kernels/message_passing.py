@@ -77,6 +77,7 @@ def _attn_fwd_kernel(
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     acc = tl.zeros((BM, BD), dtype=tl.float32)
+    nconn = tl.zeros((BM,), dtype=tl.int32)  # bias entries != -inf: a row without any outputs exactly 0
     for n0 in range(0, n, BN):
         n64 = m0 * 0 + n0
         mj = (n0 + jn) < n
@@ -84,6 +85,7 @@ def _attn_fwd_kernel(
         s = fdot(q, kt, tl.zeros((BM, BN), dtype=tl.float32), FP32_DOT, PREC) * scale
         bias = tl.load(b_rows + n64 * s_b1 + im[:, None] * s_b0 + jn[None, :] * s_b1,
                        mask=mi[:, None] & mj[None, :], other=float("-inf")).to(tl.float32)
+        nconn += tl.sum(tl.where(mj[None, :] & (bias != float("-inf")), 1, 0), axis=1)
         s = tl.where(mj[None, :], s + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -97,8 +99,11 @@ def _attn_fwd_kernel(
             acc = fdot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT, PREC)
         m_i = m_new
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
+    # a fully masked row (decided from the bias alone, as in the reference) is exactly 0 even when q / k / v
+    # hold NaN or inf (NaN logits, 0 * inf in P v)
+    conn = nconn > 0
+    out = tl.where(conn[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has & conn, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
     tl.store(o_ptr + hh * s_oh + m0 * s_on + im[:, None] * s_on + rd[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
              mask=mi[:, None] & md[None, :])
     tl.store(lse_ptr + hh * n + m0 + im, lse, mask=mi)

@@ -1,16 +1,15 @@
 """Triton kernels of the clustering-prototype loss: log-domain Sinkhorn-Knopp and the SwAV
 swapped-prediction loss (forward + backward).
 
-Sinkhorn (aahr-method.md 2.5; SwAV ``distributed_sinkhorn``): with ``Z = S / eps`` (B,K), the
-reference's iterations {each prototype row of ``Q = exp(Z)^T`` normalised to 1/K, each sample column
-to 1/B} are carried by two dual potentials, ``log Q[k,b] = Z[b,k] + u[b] + v[k]``:
-
-    v[k] = -log K - LSE_b (Z[b,k] + u[b]);    u[b] = -log B - LSE_k (Z[b,k] + v[k])
-
-starting from u = 0 (the initial division by the total sum is a constant shift that the first row
-normalisation removes exactly). Codes = ``exp(Z + u + v + log B)``; each row sums to 1. One kernel
-streams columns (v), one streams rows (u; on the last iteration it also writes the codes); all
-reductions are online log-sum-exps in fp32, so no exp overflows for any ``S / eps``.
+Sinkhorn (aahr-method.md 2.5; SwAV ``distributed_sinkhorn``): the reference's iterations on the
+log-codes, in its order of operations, on a materialised fp32 (B, K) buffer ``W`` (``log Q^T``):
+``W = S / eps - LSE_all(S / eps)``, then per iteration {each prototype column of W shifted by its
+log-sum-exp and ``log K``, each sample row by its log-sum-exp and ``log B``}; codes ``exp(W + log B)``.
+One kernel streams columns (their log-sum-exps), one streams rows (applies them, normalises the row and
+writes W back; on the last iteration it writes the codes). All reductions are online log-sum-exps in
+fp32. Carrying dual potentials instead (``S / eps + u + v``, no W) is exact in real arithmetic but
+cancels numbers of size ``|S| / eps``: at scores ~1e4 the codes were off by 3e-3 and rows summed to
+1.0026; on W the entries that matter stay O(1) and the codes match the reference to ~1e-7.
 
 Swapped prediction (aahr-method.md 3, item 2): ``loss = -1/B sum_i sum_k q_t[i,k] log softmax(S_v[i]/tau)_k
 - 1/B sum_i sum_k q_v[i,k] log softmax(S_t[i]/tau)_k``. One row-streaming kernel computes both row
@@ -32,60 +31,85 @@ __all__ = ["sinkhorn_codes", "swav_loss_forward", "swav_loss_backward"]
 
 
 @triton.jit
-def _sk_col_kernel(s_ptr, u_ptr, v_ptr, Bt, K, s_b, s_k, inv_eps, log_k, BM: tl.constexpr, BK: tl.constexpr):
-    """v[k] = -log K - LSE_b (S[b,k]/eps + u[b]) for a block of BK prototypes (grid over K)."""
+def _sk_col_kernel(src_ptr, g_ptr, c_ptr, Bt, K, s_b, s_k, eps,
+                   MODE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Column log-sum-exps ``c[k] = LSE_b z[b,k]`` for a block of BK prototypes (grid over K), where
+    MODE 0: ``z = S / eps`` and a column holding a non-finite ``S / eps`` gets ``c[k] = NaN`` (poison);
+    MODE 1: ``z = S / eps - g`` (``g = *g_ptr``, the global log-sum-exp); MODE 2: ``z = W`` (log-codes)."""
     pid = tl.program_id(0).to(tl.int64)
     rk = pid * BK + tl.arange(0, BK).to(tl.int64)
     mk = rk < K
     m = tl.full((BK,), float("-inf"), tl.float32)
     acc = tl.zeros((BK,), dtype=tl.float32)
+    nbad = tl.zeros((BK,), dtype=tl.int32)
+    if MODE == 1:
+        g = tl.load(g_ptr)
     for b0 in range(0, Bt, BM):
         rb = b0 + tl.arange(0, BM).to(tl.int64)
-        mb = rb < Bt
-        msk = mb[:, None] & mk[None, :]
-        s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rb, mask=mb, other=0.0)
-        z = tl.where(msk, s * inv_eps + u[:, None], float("-inf"))
+        msk = (rb < Bt)[:, None] & mk[None, :]
+        x = tl.load(src_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
+        if MODE == 0:
+            x = x / eps
+            ok = tl.abs(x) < float("inf")  # False for NaN and +-inf
+            nbad += tl.sum(tl.where(msk & (ok == 0), 1, 0), axis=0)
+            msk = msk & ok
+        elif MODE == 1:
+            x = x / eps - g
+        z = tl.where(msk, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[None, :]), axis=0)
         m = m_new
     lse = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
-    tl.store(v_ptr + rk, -log_k - lse, mask=mk)
+    if MODE == 0:
+        lse = tl.where(nbad > 0, float("nan"), lse)
+    tl.store(c_ptr + rk, lse, mask=mk)
 
 
 @triton.jit
-def _sk_row_kernel(s_ptr, u_ptr, v_ptr, q_ptr, Bt, K, s_b, s_k, s_qb, s_qk, inv_eps, log_b,
-                   WRITE_CODES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """u[b] = -log B - LSE_k (S[b,k]/eps + v[k]) for a block of BM samples; optionally the codes."""
+def _sk_row_kernel(src_ptr, g_ptr, c_ptr, w_ptr, q_ptr, Bt, K, s_b, s_k, s_qb, s_qk, eps, log_k, log_b,
+                   FIRST: tl.constexpr, LAST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """One reference iteration on a block of BM samples, in the reference's order of operations:
+    ``z = (X - c[k]) - log K`` (prototype step; ``X = S / eps - g`` when FIRST, else the log-codes W),
+    ``r[b] = LSE_k z``, ``W = (z - r[b]) - log B`` (sample step) written back in place (row-major fp32
+    (Bt, K)), and on the LAST iteration the codes ``exp(W + log B)``."""
     pid = tl.program_id(0).to(tl.int64)
     rb = pid * BM + tl.arange(0, BM).to(tl.int64)
     mb = rb < Bt
+    if FIRST:
+        g = tl.load(g_ptr)
     m = tl.full((BM,), float("-inf"), tl.float32)
     acc = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK).to(tl.int64)
         mk = rk < K
         msk = mb[:, None] & mk[None, :]
-        s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + rk, mask=mk, other=0.0)
-        z = tl.where(msk, s * inv_eps + v[None, :], float("-inf"))
+        if FIRST:
+            x = tl.load(src_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32) / eps - g
+        else:
+            x = tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=msk, other=0.0)
+        c = tl.load(c_ptr + rk, mask=mk, other=0.0)
+        z = tl.where(msk, (x - c[None, :]) - log_k, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
-    lse = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
-    u = -log_b - lse
-    tl.store(u_ptr + rb, u, mask=mb)
-    if WRITE_CODES:
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK).to(tl.int64)
-            mk = rk < K
-            msk = mb[:, None] & mk[None, :]
-            s = tl.load(s_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + rk, mask=mk, other=0.0)
-            code = tl.where(msk, tl.exp(s * inv_eps + u[:, None] + v[None, :] + log_b), 0.0)
+    r = tl.where(acc > 0, m + tl.log(tl.where(acc > 0, acc, 1.0)), float("-inf"))
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK).to(tl.int64)
+        mk = rk < K
+        msk = mb[:, None] & mk[None, :]
+        if FIRST:
+            x = tl.load(src_ptr + rb[:, None] * s_b + rk[None, :] * s_k, mask=msk, other=0.0).to(tl.float32) / eps - g
+        else:
+            x = tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=msk, other=0.0)
+        c = tl.load(c_ptr + rk, mask=mk, other=0.0)
+        w = (((x - c[None, :]) - log_k) - r[:, None]) - log_b
+        if LAST:
+            code = tl.exp(w + log_b)
             tl.store(q_ptr + rb[:, None] * s_qb + rk[None, :] * s_qk, code.to(q_ptr.dtype.element_ty), mask=msk)
+        else:
+            tl.store(w_ptr + rb[:, None] * K + rk[None, :], w, mask=msk)
 
 
 @triton.jit
@@ -169,6 +193,14 @@ def _sk_blocks(Bt: int, K: int) -> tuple[int, int]:
 def sinkhorn_codes(scores: torch.Tensor, eps: float, n_iters: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sinkhorn-Knopp codes (B,K) of ``scores`` (B,K) (any strides, fp32/fp16/bf16), rows summing to 1.
 
+    Follows the reference's order of operations on materialised fp32 log-codes ``W`` (B, K) (the fp32
+    codes buffer itself when ``out_dtype`` is fp32, else one scratch buffer): ``S / eps`` minus its global
+    log-sum-exp ``g`` (computed on the device: no host sync), then per iteration a column pass (the
+    prototype log-sum-exps) and a row pass that applies them, normalises each sample and writes W back.
+    The log-codes of the entries that matter stay O(1), so scores of any size keep fp32 accuracy
+    (potentials ``S / eps + u + v`` of size ~1e5 lose ~1e-2 to cancellation). A non-finite ``S / eps``
+    anywhere (NaN, +-inf, overflow) makes ``g`` NaN and so every code NaN, as in the reference.
+
     Raises:
         ValueError: ``n_iters < 1``.
     """
@@ -176,18 +208,26 @@ def sinkhorn_codes(scores: torch.Tensor, eps: float, n_iters: int, out_dtype: to
         raise ValueError(f"sinkhorn_codes: n_iters must be >= 1, got {n_iters}")
     Bt, K = scores.shape
     dev = scores.device
-    codes = torch.empty((Bt, K), device=dev, dtype=out_dtype or scores.dtype)
-    u = torch.zeros((Bt,), device=dev, dtype=torch.float32)
-    v = torch.empty((K,), device=dev, dtype=torch.float32)
+    out_dtype = out_dtype or scores.dtype
+    codes = torch.empty((Bt, K), device=dev, dtype=out_dtype)
+    w = codes if out_dtype == torch.float32 else torch.empty((Bt, K), device=dev, dtype=torch.float32)
+    c = torch.empty((K,), device=dev, dtype=torch.float32)
     bm, bk = _sk_blocks(Bt, K)
-    inv_eps = 1.0 / float(eps)
+    eps = float(eps)
+    col_grid, row_grid = (triton.cdiv(K, bk),), (triton.cdiv(Bt, bm),)
+    sb, sk = scores.stride(0), scores.stride(1)
+    _sk_col_kernel[col_grid](scores, c, c, Bt, K, sb, sk, eps, MODE=0, BM=bm, BK=bk, num_warps=4)
+    g = torch.logsumexp(c, 0).reshape(1)  # NaN when any S / eps is non-finite
+    log_k, log_b = math.log(K), math.log(Bt)
     for it in range(n_iters):
-        _sk_col_kernel[(triton.cdiv(K, bk),)](
-            scores, u, v, Bt, K, scores.stride(0), scores.stride(1), inv_eps, math.log(K), BM=bm, BK=bk, num_warps=4,
-        )
-        _sk_row_kernel[(triton.cdiv(Bt, bm),)](
-            scores, u, v, codes, Bt, K, scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1),
-            inv_eps, math.log(Bt), WRITE_CODES=(it == n_iters - 1), BM=bm, BK=bk, num_warps=4,
+        first = it == 0
+        if first:
+            _sk_col_kernel[col_grid](scores, g, c, Bt, K, sb, sk, eps, MODE=1, BM=bm, BK=bk, num_warps=4)
+        else:
+            _sk_col_kernel[col_grid](w, g, c, Bt, K, K, 1, eps, MODE=2, BM=bm, BK=bk, num_warps=4)
+        _sk_row_kernel[row_grid](
+            scores, g, c, w, codes, Bt, K, sb, sk, codes.stride(0), codes.stride(1), eps, log_k, log_b,
+            FIRST=first, LAST=(it == n_iters - 1), BM=bm, BK=bk, num_warps=4,
         )
     return codes
 

@@ -133,3 +133,27 @@ def check_positive(op: str, name: str, value: float, *, allow_zero: bool = False
 def length_mask(lens: torch.Tensor, max_len: int) -> torch.Tensor:
     """Boolean (B, max_len) mask, True for positions < lens[b]."""
     return torch.arange(max_len, device=lens.device)[None, :] < lens[:, None]
+
+
+def check_no_inf(op: str, *, why: str = "", **tensors) -> None:
+    """Raise DataError naming the first +inf / -inf entry (tensor name, row-major index, value) of the given
+    tensors, checked in the order given; None values (absent optional inputs) are skipped.
+
+    A host-reading value check (one reduction per tensor and a single host sync when all are clean): it runs
+    only when :func:`value_checks_enabled` allows it, so a compiled / ``value_checks(False)`` / meta caller gets
+    the op's documented non-finite result instead. NaN is not looked for (each op documents how NaN propagates).
+    """
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    if not named or not value_checks_enabled(*(t for _, t in named)):
+        return
+    with torch.no_grad():
+        flags = torch.stack([torch.isinf(t).any().to(named[0][1].device) for _, t in named])
+        if not bool(flags.any()):
+            return
+        name, x = named[int(flags.to(torch.int8).argmax())]
+        where = torch.isinf(x).nonzero()
+    first = where[0]
+    idx = ", ".join(str(int(v)) for v in first)
+    val = float(x.detach()[tuple(int(v) for v in first)])
+    raise DataError(f"{op}: {name}[{idx}] = {val} is infinite ({where.shape[0]} infinite entries in {name} of "
+                    f"shape {tuple(x.shape)}){'; ' + why if why else ''}")

@@ -124,6 +124,10 @@ def intra_relevance(x: torch.Tensor, sigma: float = 1.0, *, backend: Optional[st
         (B, B) tensor in (0, 1], dtype of ``x``; the diagonal is exactly 1. Differentiable w.r.t. ``x``
         with a safe square root: at zero distance (the diagonal, duplicate rows) the gradient is 0, never NaN.
         A NaN in row i of ``x`` makes row and column i NaN except the diagonal entry (still 1); no error.
+    Non-finite input:
+        Not checked. ``+inf`` / ``-inf`` in row i of ``x`` put row i at infinite distance: ``A[i, j] =
+        A[j, i] = 0`` for j != i (diagonal 1); two rows infinite in the same coordinate with the same sign
+        are NaN to each other (inf - inf). Identical on every backend; gradients specified for finite ``x``.
     Raises:
         DataError: ``x`` not 2-D floating, or empty (B = 0 or D = 0).
         ConfigError: ``sigma`` not > 0; unknown backend.
@@ -151,6 +155,9 @@ def topk_connection(scores: torch.Tensor, rho: float = 0.5, *, backend: Optional
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
         (B, B') bool tensor with exactly k True entries per row.
+    Non-finite input:
+        ``+inf`` ranks first and ``-inf`` last (ties among equal infinities go to the lower index), on every
+        backend; NaN raises DataError (this check runs even with value checks off).
     Raises:
         DataError (a ValueError): ``scores`` not 2-D floating or empty, or holding a NaN (the message
             names the op and the first NaN index in row-major order). ConfigError: ``rho`` outside (0, 1].
@@ -201,6 +208,12 @@ def instance_correlation(
         backend: see :mod:`aahr_fast.ops._dispatch`.
     Returns:
         :class:`Correlation` of (2B, 2B) tensors (floating dtype promoted over the inputs, bool).
+    Non-finite input:
+        Not checked; identical on every backend. ``+inf`` / ``-inf`` in ``v`` / ``t``: zero relevance between
+        that row and the others (see :func:`intra_relevance`), and infinite or NaN ranking scores (NaN ranks
+        first). ``+inf`` / ``-inf`` in ``rel_i2t`` / ``rel_t2i`` are copied into ``relevance``; ``+inf`` ranks
+        first (connected, so ``attn_bias`` = ``lam * inf``: +-inf, NaN for lam = 0) and ``-inf`` last (not
+        connected: ``attn_bias`` -inf).
     Raises:
         DataError: shapes inconsistent (named), not floating, different devices, empty batch.
         ConfigError: bad ``sigma``, ``rho`` or ``lam``.

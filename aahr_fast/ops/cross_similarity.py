@@ -187,6 +187,11 @@ def fragment_word_relevance(
         (each a mean of values in [-1, 1]). Differentiable w.r.t. ``regions`` and ``words`` (ties in a
         max send the gradient to the lowest index). A NaN in a valid slot makes the scores of the
         pairs that contain it NaN; NaN in padding is ignored.
+    Non-finite input:
+        Not checked, nothing raised. ``+inf`` / ``-inf`` in a valid slot act as NaN (the cosine normalises the
+        vector to inf / inf): the (image, caption) pairs that contain it are NaN in ``t2i`` and ``i2t``, the
+        other pairs are unchanged; in padding they are ignored. Identical on every backend (tested in
+        tests/test_hostile_inputs.py). Gradients are specified for finite inputs only.
     Raises:
         DataError (a ValueError): wrong ranks, mismatched D, lengths outside [1, N] / [1, L], tensors
             on different devices, empty batch or zero-size N / L / D.
@@ -233,6 +238,10 @@ def hard_assignment_similarity(
     Returns:
         (Bi, Bt) similarities, input dtype; differentiable (ties -> lowest region index). A NaN in a valid
         slot makes the pairs that contain it NaN; NaN in padding is ignored.
+    Non-finite input:
+        As :func:`fragment_word_relevance`: ``+inf`` / ``-inf`` in a valid slot act as NaN (pairs that
+        contain it are NaN, on every backend), in padding they are ignored; not checked. Gradients are
+        specified for finite inputs only (a NaN cosine wins the max, as in ``torch.max``, on every backend).
     Raises:
         DataError / ConfigError / BackendUnavailableError: as in :func:`fragment_word_relevance`, plus
         ConfigError for an unknown ``agg`` or a non-positive ``temperature``.

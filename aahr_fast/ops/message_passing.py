@@ -40,7 +40,7 @@ def masked_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # a row without any connection would be softmax(all -inf) = NaN: give it zero logits, then zero weights
     p = torch.softmax(torch.where(connected, logits, 0), dim=-1)
     p = torch.where(connected, p, 0)
-    return p @ v
+    return torch.where(connected, p @ v, 0)  # exactly 0 even where v holds NaN / inf (0 * inf)
 
 
 def gcn_layer(
@@ -67,6 +67,10 @@ def gcn_layer(
         (n, Dout), promoted floating dtype; differentiable w.r.t. every input. NaN is not checked: a NaN in
         ``x`` / ``weight`` / ``adj`` / ``bias`` spreads through the products to every output it reaches (with a
         dense ``adj``: every row).
+    Non-finite input:
+        Not checked. ``+inf`` / ``-inf`` follow IEEE arithmetic through the two products and the LeakyReLU
+        (``inf * 0`` and ``inf - inf`` give NaN): every backend returns the reference's NaN / +-inf positions.
+        Gradients are specified for finite inputs only.
     Raises:
         DataError: ranks or sizes inconsistent (named), different devices, empty.
         ConfigError: negative ``negative_slope``.
@@ -113,6 +117,11 @@ def masked_attention(
         (H, n, dh), promoted floating dtype; differentiable w.r.t. q, k, v and bias. NaN is not checked: a
         NaN in q / k / v or in a finite bias entry makes the output rows that see it NaN (fully masked rows
         stay 0).
+    Non-finite input:
+        ``-inf`` in ``bias`` is the mask, never an error. ``+inf`` in ``bias`` (softmax of inf) and ``+inf`` /
+        ``-inf`` in ``q`` / ``k`` / ``v`` (``inf - inf``, ``0 * inf``) make the output rows that see them NaN;
+        a fully masked row (decided from ``bias`` alone) is exactly 0 whatever ``q`` / ``k`` / ``v`` hold.
+        Not checked; identical on every backend. Gradients are specified for finite inputs only.
     Raises:
         DataError: ranks or sizes inconsistent (named), different devices, empty.
     """

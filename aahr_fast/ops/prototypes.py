@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 from ..utils.errors import ConfigError, DataError
-from ._common import check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype
+from ._common import (check_no_inf, check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype,
+                      value_checks_enabled)
 from ._dispatch import dispatch, register
 
 __all__ = ["sinkhorn", "swapped_prediction_loss", "sinkhorn_reference", "swapped_prediction_loss_reference"]
@@ -31,7 +32,11 @@ def sinkhorn_reference(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3)
     for _ in range(n_iters):
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - log_k  # rows: each prototype gets 1/K
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_b  # columns: each sample gets 1/B
-    return (log_q + log_b).exp().t().to(out_dtype)  # times B: every sample's code sums to 1
+    codes = (log_q + log_b).exp().t()  # times B: every sample's code sums to 1
+    # contract: any non-finite S / eps (NaN, +-inf, overflow) makes every code NaN (a lone -inf would otherwise
+    # be a zero-mass entry here but not in the other backends); a device-side where, no host sync
+    codes = torch.where(torch.isfinite(s / eps).all(), codes, float("nan"))
+    return codes.to(out_dtype)
 
 
 def swapped_prediction_loss_reference(
@@ -59,6 +64,9 @@ def swapped_prediction_loss_reference(
     return loss_v + loss_t
 
 
+_INF_WHY = "Sinkhorn needs finite scores (with value checks off every code would be NaN)"
+
+
 def _check_iters(op: str, n_iters: int) -> None:
     if not isinstance(n_iters, int) or isinstance(n_iters, bool) or n_iters < 1:
         raise ConfigError(f"{op}: n_iters must be an int >= 1, got {n_iters!r}")
@@ -81,8 +89,16 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3, *, backen
         (B, K) codes, dtype of ``scores``, non-negative, each row summing to 1. No gradient. No argmax, so
         no tie rule: identical score columns get identical codes. NaN is not checked: one NaN score makes
         every code NaN (the normalisations spread it).
+    Non-finite input:
+        ``+inf`` / ``-inf`` scores raise DataError (op, tensor, first (row, col) and value) while value checks
+        are on (see :func:`~aahr_fast.ops.value_checks`; eager default). With checks off, and for NaN always,
+        every backend returns all-NaN codes (B, K) whenever any ``scores / eps`` is non-finite (NaN, +-inf, or
+        a finite score whose ``/ eps`` overflows): ``-inf`` is not a mask. No host sync decides this.
+        Finite scores of any size keep full accuracy (``|S| / eps`` ~ 1e5: codes within ~1e-7 of the
+        reference in float32).
     Raises:
-        DataError: ``scores`` not 2-D floating or empty. ConfigError: bad ``eps`` or ``n_iters``.
+        DataError: ``scores`` not 2-D floating or empty, or holding +-inf (value checks on).
+        ConfigError: bad ``eps`` or ``n_iters``.
     """
     op = "sinkhorn"
     check_tensor(op, "scores", scores, 2)
@@ -91,7 +107,12 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3, *, backen
     _check_iters(op, n_iters)
     opts = dict(eps=float(eps), n_iters=n_iters)
     _, fn = dispatch(op, backend, scores, options=opts)
-    return fn(scores, **opts)
+    codes = fn(scores, **opts)
+    # Non-finite scores make every code NaN on every backend, so one code tells whether the input needs
+    # scanning for +-inf: a one-element host read instead of a reduction over all B x K scores per call.
+    if value_checks_enabled(scores) and bool(torch.isnan(codes[0, 0])):
+        check_no_inf(op, why=_INF_WHY, scores=scores)
+    return codes
 
 
 def swapped_prediction_loss(
@@ -123,8 +144,15 @@ def swapped_prediction_loss(
     Returns:
         0-dim tensor (nats), promoted floating dtype; gradient to x_v, x_t and prototypes, none through
         the codes. NaN is not checked: a NaN in any input (queues included) makes the loss NaN.
+    Non-finite input:
+        ``+inf`` / ``-inf`` in ``x_v``, ``x_t``, ``prototypes`` or a queue raise DataError (op, tensor, first
+        (row, col) and value) while value checks are on (eager default). With checks off (and for NaN, and for
+        finite inputs whose scores overflow) the codes of the affected modality are all NaN (see
+        :func:`sinkhorn`), so the loss is NaN on every backend; the gradients are then non-finite wherever
+        the reference's are (their mix of NaN and +-inf is not specified).
     Raises:
-        DataError: ranks or sizes inconsistent (named), different devices, empty batch.
+        DataError: ranks or sizes inconsistent (named), different devices, empty batch, +-inf in an input
+            (value checks on).
         ConfigError: bad eps / n_iters / tau.
     """
     op = "swapped_prediction_loss"
@@ -153,7 +181,11 @@ def swapped_prediction_loss(
     queue_t = queue_t.to(dt) if queue_t is not None else None
     opts = dict(eps=float(eps), n_iters=n_iters, tau=float(tau), queue_v=queue_v, queue_t=queue_t)
     _, fn = dispatch(op, backend, x_v, x_t, prototypes, options=dict(eps=eps, n_iters=n_iters, tau=tau))
-    return fn(x_v, x_t, prototypes, **opts)
+    loss = fn(x_v, x_t, prototypes, **opts)
+    # +-inf anywhere makes the loss NaN on every backend: read the 0-d loss once, scan the inputs only then.
+    if value_checks_enabled(x_v) and not bool(torch.isfinite(loss)):
+        check_no_inf(op, why=_INF_WHY, x_v=x_v, x_t=x_t, prototypes=prototypes, queue_v=queue_v, queue_t=queue_t)
+    return loss
 
 
 register("sinkhorn", "reference", sinkhorn_reference)

@@ -146,21 +146,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gcn_bwd(const Tensor& g_in, const Ten
 
 // ---------------------------------------------------------------------------------------------
 // Softmax rows [r0, r1) of one head's logits in place: row = softmax(row * scale + bias_row); a row
-// whose maximum is -inf (no connection) becomes all zeros.
+// whose bias is -inf everywhere (no connection) becomes all zeros and is flagged in `masked` (decided from
+// the bias alone, as in the reference, so a NaN / inf in q or k cannot turn a masked row into NaN).
 template <typename scalar_t>
 void softmax_rows(scalar_t* S, const scalar_t* bias, int64_t n, int64_t r0, int64_t r1,
-                  scalar_t scale) {
+                  scalar_t scale, char* masked) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const Vec vsc(scale);
+  const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
   for (int64_t r = r0; r < r1; ++r) {
     scalar_t* row = S + r * n;
-    at::vec::map2([vsc](Vec x, Vec b) { return at::vec::fmadd(x, vsc, b); }, row, row,
-                  bias + r * n, n);
-    const scalar_t m = row_max(row, n);
-    if (m == -std::numeric_limits<scalar_t>::infinity()) {
+    masked[r] = row_max(bias + r * n, n) == ninf;  // NaN propagates: a NaN bias is "connected"
+    if (masked[r]) {
       std::fill(row, row + n, scalar_t(0));
       continue;
     }
+    at::vec::map2([vsc](Vec x, Vec b) { return at::vec::fmadd(x, vsc, b); }, row, row,
+                  bias + r * n, n);
+    const scalar_t m = row_max(row, n);
     exp_affine(row, row, n, scalar_t(1), -m);
     const Vec inv(scalar_t(1) / row_sum(row, n));
     at::vec::map([inv](Vec x) { return x * inv; }, row, row, n);
@@ -193,15 +196,19 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   Tensor out = at::empty({H, n, v.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(st, "attn_fwd", [&] {
     const scalar_t* bp = bias.data_ptr<scalar_t>();
+    std::vector<char> masked(n);
     for (int64_t h = 0; h < H; ++h) {
       Tensor Ph = P.select(0, h), Oh = out.select(0, h);
       at::mm_out(Ph, q.select(0, h), k.select(0, h).t());
       scalar_t* pp = Ph.data_ptr<scalar_t>();
       const scalar_t* bh = bp + (per_head ? h * n * n : 0);
       at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
-        softmax_rows(pp, bh, n, r0, r1, scalar_t(scale));
+        softmax_rows(pp, bh, n, r0, r1, scalar_t(scale), masked.data());
       });
       at::mm_out(Oh, Ph, v.select(0, h));
+      for (int64_t r = 0; r < n; ++r) {  // exactly 0, even where v holds NaN / inf (0 * inf)
+        if (masked[r]) Oh.select(0, r).zero_();
+      }
     }
   });
   return {out, P};

@@ -26,6 +26,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -176,6 +177,77 @@ void row_step_scaled(const scalar_t* P, const scalar_t* c, scalar_t umax, int64_
   }
 }
 
+// Wide-range path (some (S - max_col S) / eps below -G, so some entry of P = exp(L) would be 0 or subnormal):
+// the reference's iterations on materialised log-codes W (N x K, the caller's scratch), in its order of
+// operations: W = S / eps - logsumexp_all(S / eps); per iteration each prototype column of W minus its
+// logsumexp and log K, then each sample row minus its logsumexp and log N; codes = exp(W + log N) (written
+// as the row softmax). Dual potentials would cancel numbers of size |S| / eps here (scores ~1e4 at
+// eps = 0.1: up to ~1e-4 relative error in the codes, ~1e-3 in the loss gradients); on W the entries
+// that matter stay O(1). All of S / eps is finite when this runs.
+template <typename scalar_t>
+void sinkhorn_logcodes(const scalar_t* S, int64_t N, int64_t K, scalar_t e, int64_t n_iters, int64_t rows_out,
+                       scalar_t* codes, scalar_t* W, int64_t col_grain, int64_t row_grain) {
+  using V = Vec<scalar_t>;
+  at::vec::map([e](V x) { return x / V(e); }, W, S, N * K);
+  const scalar_t m = row_max(W, N * K);
+  scalar_t total = 0;
+  {
+    std::vector<scalar_t> ex(K);
+    for (int64_t b = 0; b < N; ++b) {
+      exp_affine(ex.data(), W + b * K, K, scalar_t(1), -m);
+      total += row_sum(ex.data(), K);
+    }
+  }
+  const scalar_t g = m + std::log(total);
+  at::vec::map([g](V x) { return x - V(g); }, W, W, N * K);
+  const scalar_t logN = std::log(scalar_t(N)), logK = std::log(scalar_t(K));
+  std::vector<scalar_t> c(K), cs(K);
+  for (int64_t it = 0; it < n_iters; ++it) {
+    // c_k = logsumexp_b W_bk (two passes: column maxima, then sums of exp). c_k is kept apart from log K:
+    // a dominated column has c_k ~ -|S| / eps, and (W - c_k) is exact near its maximum while W + (-log K - c_k)
+    // would round -log K - c_k at that magnitude (measured: 4e-5 code error at scores 1e4).
+    at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
+      scalar_t* m = c.data();
+      scalar_t* s = cs.data();
+      std::fill(m + k0, m + k1, -std::numeric_limits<scalar_t>::infinity());
+      std::fill(s + k0, s + k1, scalar_t(0));
+      for (int64_t b = 0; b < N; ++b) {
+        const scalar_t* row = W + b * K;
+        int64_t k = k0;
+        for (; k + V::size() <= k1; k += V::size()) at::vec::maximum(V::loadu(m + k), V::loadu(row + k)).store(m + k);
+        for (; k < k1; ++k) m[k] = row[k] > m[k] ? row[k] : m[k];
+      }
+      for (int64_t b = 0; b < N; ++b) {
+        const scalar_t* row = W + b * K;
+        int64_t k = k0;
+        for (; k + V::size() <= k1; k += V::size())
+          (V::loadu(s + k) + (V::loadu(row + k) - V::loadu(m + k)).exp()).store(s + k);
+        for (; k < k1; ++k) s[k] += std::exp(row[k] - m[k]);
+      }
+      for (int64_t k = k0; k < k1; ++k) m[k] = m[k] + std::log(s[k]);
+    });
+    const bool last = it + 1 == n_iters;
+    at::parallel_for(0, last ? rows_out : N, row_grain, [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> z(K), ex(K);
+      const V vlk(logK);
+      for (int64_t b = r0; b < r1; ++b) {
+        scalar_t* row = W + b * K;
+        at::vec::map2([vlk](V a, V cc) { return (a - cc) - vlk; }, z.data(), row, c.data(), K);
+        const scalar_t zm = row_max(z.data(), K);
+        exp_affine(ex.data(), z.data(), K, scalar_t(1), -zm);
+        const scalar_t se = row_sum(ex.data(), K);
+        if (last) {  // codes = exp(W' + log N) = softmax_k(z): rows sum to 1
+          const V inv(scalar_t(1) / se);
+          at::vec::map([inv](V x) { return x * inv; }, codes + b * K, ex.data(), K);
+        } else {
+          const V r(zm + std::log(se)), vln(logN);
+          at::vec::map([r, vln](V x) { return (x - r) - vln; }, row, z.data(), K);
+        }
+      }
+    });
+  }
+}
+
 // Sinkhorn codes of the first `rows_out` rows of S (N x K, contiguous) into `codes`
 // (rows_out x K, contiguous).
 //
@@ -219,19 +291,34 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
   lmin.assign(K, scalar_t(0));
   scale.resize(std::max(N, K));
   scalar_t* P = Pbuf.data_ptr<scalar_t>();
+  // Non-finite input contract (shared with the reference, Triton and CUDA): if any S / eps is NaN or +-inf
+  // (finite S that overflows included), every code is NaN. Detected from the column maxima and minima of S.
+  std::vector<scalar_t> cmin(K);
+  std::vector<char> col_bad(K, 0);
   at::parallel_for(0, K, col_grain, [&](int64_t k0, int64_t k1) {
     scalar_t* m = cm.data();
+    scalar_t* mn = cmin.data();
     scalar_t* s = cs.data();
     scalar_t* lm = lmin.data();
     std::fill(m + k0, m + k1, ninf);
-    for (int64_t b = 0; b < N; ++b) {  // pass 1: column maxima of S (NaN propagates)
+    std::fill(mn + k0, mn + k1, -ninf);
+    for (int64_t b = 0; b < N; ++b) {  // pass 1: column maxima and minima of S (NaN propagates)
       const scalar_t* row = S + b * K;
       int64_t k = k0;
-      for (; k + V::size() <= k1; k += V::size())
-        at::vec::maximum(V::loadu(m + k), V::loadu(row + k)).store(m + k);
-      for (; k < k1; ++k) m[k] = (std::isnan(row[k]) || row[k] > m[k]) ? row[k] : m[k];
+      for (; k + V::size() <= k1; k += V::size()) {
+        const V x = V::loadu(row + k);
+        at::vec::maximum(V::loadu(m + k), x).store(m + k);
+        at::vec::minimum(V::loadu(mn + k), x).store(mn + k);
+      }
+      for (; k < k1; ++k) {
+        m[k] = (std::isnan(row[k]) || row[k] > m[k]) ? row[k] : m[k];
+        mn[k] = (std::isnan(row[k]) || row[k] < mn[k]) ? row[k] : mn[k];
+      }
     }
-    for (int64_t k = k0; k < k1; ++k) m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
+    for (int64_t k = k0; k < k1; ++k) {
+      col_bad[k] = !(std::isfinite(m[k] / e) && std::isfinite(mn[k] / e));
+      m[k] = std::isnan(m[k]) ? m[k] : finite_or_zero(m[k]);
+    }
     std::fill(s + k0, s + k1, scalar_t(0));
     const V ve(e);
     for (int64_t b = 0; b < N; ++b) {  // pass 2: L = (S - M) / eps, P = exp(L), first column sums
@@ -256,10 +343,18 @@ void sinkhorn_impl(const scalar_t* S, int64_t N, int64_t K, double eps, int64_t 
     }
     for (int64_t k = k0; k < k1; ++k) u[k] = -logK - std::log(s[k]);
   });
+  if (std::any_of(col_bad.begin(), col_bad.end(), [](char x) { return x != 0; })) {
+    std::fill(codes, codes + rows_out * K, std::numeric_limits<scalar_t>::quiet_NaN());
+    return;
+  }
   // P can stand in for L when no entry of L is below -G (then no P_bk is 0 or subnormal)
   const scalar_t G = scaling_range<scalar_t>();
   const auto lrange = max_and_range(lmin.data(), K);  // max of lmin <= 0: range >= -min L
   const bool p_ok = !std::isnan(lrange.second) && lrange.first - lrange.second >= -G;
+  if (!p_ok) {  // wide score range: iterate on the log-codes (L is free scratch from here on)
+    sinkhorn_logcodes<scalar_t>(S, N, K, e, n_iters, rows_out, codes, L, col_grain, row_grain);
+    return;
+  }
   for (int64_t it = 0; it < n_iters; ++it) {
     if (it > 0) {
       const auto vr = max_and_range(v.data(), N);

@@ -47,9 +47,9 @@ cudaError_t xsim_forward(const XsimProblem& p, float* out_a, float* out_b, cudaS
 cudaError_t xsim_backward(const XsimProblem& p, const float* grad_a, const float* grad_b, float* g_regions,
                           float* g_words, cudaStream_t stream);
 
-// Log-domain Sinkhorn-Knopp (SwAV) codes of scores (B, K) fp32: n_iters >= 1 rounds of
-// v[k] = -log K - LSE_b(S/eps + u), u[b] = -log B - LSE_k(S/eps + v); codes = exp(S/eps + u + v + log B).
-// u (B,), v (K,) are fp32 work buffers; codes (B, K) fp32, rows sum to 1.
+// Log-domain Sinkhorn-Knopp (SwAV) codes of scores (B, K) fp32: n_iters >= 1 rounds of the reference's
+// {prototype columns, then sample rows} log-sum-exp normalisations on the log-codes, kept in `codes`.
+// u (B,), v (K,) are fp32 work buffers; codes (B, K) fp32, rows sum to 1; a non-finite S/eps makes them all NaN.
 cudaError_t sinkhorn_codes(const float* scores, int64_t B, int64_t K, float eps, int n_iters, float* u, float* v,
                            float* codes, cudaStream_t stream);
 

@@ -13,7 +13,8 @@
 //   P = LeakyReLU(cos) on valid slots, 0 elsewhere
 //   t2i = mean_w max_r P[r,w] / (||P[r,:]|| + eps),  i2t = mean_r max_w P[r,w] / (||P[:,w]|| + eps)
 //   hard: m_w = max_r cos[r,w];  mean_w m_w  or  T * log sum_w exp(m_w / T)
-// Ties in a max go to the lowest index; a NaN cosine in a valid slot makes its pair NaN.
+// Ties in a max go to the lowest index; a NaN cosine in a valid slot makes its pair NaN and wins the argmax
+// (the first NaN, as torch.max), so the gradients route like the reference and the other backends.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -177,7 +178,7 @@ __device__ void relevance_stats(const XsimProblem& p, int64_t t0, int tc, int rl
       #pragma unroll 1
       for (int r = 0; r < rlen; ++r) {
         const float q = S[r * lay.ldS + c * L + w] / (nW[r * tc + c] + p.eps);
-        if (q > best) { best = q; arg = r; }
+        if (q > best || (isnan(q) && !isnan(best))) { best = q; arg = r; }  // first NaN wins (torch.max)
       }
       rstar[c * L + w] = arg;
     }
@@ -188,7 +189,7 @@ __device__ void relevance_stats(const XsimProblem& p, int64_t t0, int tc, int rl
       #pragma unroll 1
       for (int w = 0; w < wl; ++w) {
         const float q = S[r * lay.ldS + c * L + w] / (nR[c * L + w] + p.eps);
-        if (q > best) { best = q; arg = w; }
+        if (q > best || (isnan(q) && !isnan(best))) { best = q; arg = w; }  // first NaN wins (torch.max)
       }
       wstar[r * tc + c] = arg;
     }
@@ -213,7 +214,7 @@ __device__ void hard_stats(const XsimProblem& p, int64_t t0, int tc, int rlen, c
       #pragma unroll 1
       for (int r = 0; r < rlen; ++r) {
         const float q = S[r * lay.ldS + c * L + w];
-        if (q > best) { best = q; arg = r; }
+        if (q > best || (isnan(q) && !isnan(best))) { best = q; arg = r; }  // first NaN wins (torch.max)
       }
       rstar[c * L + w] = arg;
       m[c * L + w] = best;

@@ -2,8 +2,11 @@
 // swapped-prediction loss with their score gradients (the loss backward). Torch-free; see
 // aahr_cuda.cuh for the contract and aahr_fast/kernels/prototypes.py for the math (the Triton twin).
 //
-// Sinkhorn (aahr-method.md 2.5, SwAV): dual potentials, log Q[k,b] = S[b,k]/eps + u[b] + v[k];
-//   v[k] = -log K - LSE_b(S/eps + u),  u[b] = -log B - LSE_k(S/eps + v),  codes = exp(S/eps + u + v + log B).
+// Sinkhorn (aahr-method.md 2.5, SwAV): the reference's iterations on the fp32 log-codes W (B, K) (kept in the
+//   codes buffer): W = S/eps - LSE_all(S/eps); per iteration W -= LSE_b(W) + log K per prototype column, then
+//   W -= LSE_k(W) + log B per sample row; codes = exp(W + log B). Same order of operations as the reference and
+//   the Triton twin: the entries that matter stay O(1), so |S|/eps ~ 1e5 keeps fp32 accuracy (dual potentials
+//   S/eps + u + v cancel numbers of that size: codes were off by ~3e-3). Any non-finite S/eps makes every code NaN.
 // All reductions are online log-sum-exps in fp32 (max-shifted), so no exp overflows for any S/eps.
 // Column pass: a block of 32 x 8 threads owns 32 prototypes (coalesced along K), rows strided over 8 warps.
 // Row pass: one warp per sample.
@@ -42,39 +45,91 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-__global__ void __launch_bounds__(256) sinkhorn_col_kernel(const float* __restrict__ S, int64_t B, int64_t K,
-                                                           float inv_eps, float log_k, const float* __restrict__ u,
-                                                           float* __restrict__ v) {
+// Column log-sum-exps c[k] = LSE_b z[b,k] (the reference's prototype step), where
+// mode 0: z = S/eps, and a column holding a non-finite S/eps gets c[k] = NaN (poisons g, so every code);
+// mode 1: z = S/eps - *g (g = global log-sum-exp); mode 2: z = W (the fp32 log-codes, row-major).
+__global__ void __launch_bounds__(256) sinkhorn_col_kernel(const float* __restrict__ src, int64_t B, int64_t K,
+                                                           float eps, int mode, const float* __restrict__ g,
+                                                           float* __restrict__ c) {
   __shared__ float sm_m[8][33];
   __shared__ float sm_s[8][33];
+  __shared__ int sm_bad[8][33];
   const int64_t k = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float m = -INFINITY, s = 0.f;
+  int bad = 0;
   if (k < K) {
-    for (int64_t b = threadIdx.y; b < B; b += 8) lse_add(m, s, S[b * K + k] * inv_eps + u[b]);
+    const float shift = mode == 1 ? *g : 0.f;
+    for (int64_t b = threadIdx.y; b < B; b += 8) {
+      float z = src[b * K + k];
+      if (mode != 2) z = z / eps - shift;
+      if (mode == 0 && !(fabsf(z) < INFINITY)) {  // NaN or +-inf
+        bad = 1;
+        continue;
+      }
+      lse_add(m, s, z);
+    }
   }
   sm_m[threadIdx.y][threadIdx.x] = m;
   sm_s[threadIdx.y][threadIdx.x] = s;
+  sm_bad[threadIdx.y][threadIdx.x] = bad;
   __syncthreads();
   if (threadIdx.y == 0 && k < K) {
-    for (int y = 1; y < 8; ++y) lse_combine(m, s, sm_m[y][threadIdx.x], sm_s[y][threadIdx.x]);
-    v[k] = -log_k - lse_value(m, s);
+    for (int y = 1; y < 8; ++y) {
+      lse_combine(m, s, sm_m[y][threadIdx.x], sm_s[y][threadIdx.x]);
+      bad |= sm_bad[y][threadIdx.x];
+    }
+    c[k] = bad ? NAN : lse_value(m, s);
   }
 }
 
+// g = LSE_k c[k] over the K column log-sum-exps (one block of 256 threads); NaN if any c[k] is NaN.
+__global__ void __launch_bounds__(256) sinkhorn_global_kernel(const float* __restrict__ c, int64_t K,
+                                                              float* __restrict__ g) {
+  __shared__ float sm_m[256];
+  __shared__ float sm_s[256];
+  __shared__ int sm_nan[256];
+  float m = -INFINITY, s = 0.f;
+  int nan = 0;
+  for (int64_t k = threadIdx.x; k < K; k += 256) {
+    const float x = c[k];
+    if (isnan(x)) nan = 1; else lse_add(m, s, x);
+  }
+  sm_m[threadIdx.x] = m;
+  sm_s[threadIdx.x] = s;
+  sm_nan[threadIdx.x] = nan;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int t = 1; t < 256; ++t) {
+      lse_combine(m, s, sm_m[t], sm_s[t]);
+      nan |= sm_nan[t];
+    }
+    *g = nan ? NAN : lse_value(m, s);
+  }
+}
+
+// One reference iteration on one sample per warp, in the reference's order of operations:
+// z = (X - c[k]) - log K (X = S/eps - g when first, else W), r = LSE_k z, W = (z - r) - log B written
+// back in place; on the last iteration W holds the codes exp(W + log B) instead.
 __global__ void __launch_bounds__(256) sinkhorn_row_kernel(const float* __restrict__ S, int64_t B, int64_t K,
-                                                           float inv_eps, float log_b, const float* __restrict__ v,
-                                                           float* __restrict__ u, float* __restrict__ codes) {
+                                                           float eps, float log_k, float log_b,
+                                                           const float* __restrict__ g, const float* __restrict__ c,
+                                                           bool first, bool last, float* w) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (b >= B) return;
-  const float* row = S + b * K;
+  const float* src = first ? S + b * K : w + b * K;
+  const float shift = first ? *g : 0.f;
   float m = -INFINITY, s = 0.f;
-  for (int64_t k = lane; k < K; k += 32) lse_add(m, s, row[k] * inv_eps + v[k]);
+  for (int64_t k = lane; k < K; k += 32) {
+    const float x = first ? src[k] / eps - shift : src[k];
+    lse_add(m, s, (x - c[k]) - log_k);
+  }
   warp_lse(m, s);
-  const float ub = -log_b - lse_value(m, s);
-  if (lane == 0) u[b] = ub;
-  if (codes != nullptr) {
-    for (int64_t k = lane; k < K; k += 32) codes[b * K + k] = expf(row[k] * inv_eps + ub + v[k] + log_b);
+  const float r = lse_value(m, s);
+  for (int64_t k = lane; k < K; k += 32) {
+    const float x = first ? src[k] / eps - shift : src[k];
+    const float wk = (((x - c[k]) - log_k) - r) - log_b;
+    w[b * K + k] = last ? expf(wk + log_b) : wk;
   }
 }
 
@@ -121,17 +176,24 @@ cudaError_t sinkhorn_codes(const float* scores, int64_t B, int64_t K, float eps,
                            float* codes, cudaStream_t stream) {
   if (B <= 0 || K <= 0) return cudaSuccess;
   if (n_iters < 1 || !(eps > 0.f)) return cudaErrorInvalidValue;
-  cudaError_t err = cudaMemsetAsync(u, 0, static_cast<size_t>(B) * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
-  const float inv_eps = 1.f / eps;
+  // work buffers: v holds the K column log-sum-exps, u[0] the global one; codes holds the log-codes W
+  float* c = v;
+  float* g = u;
   const float log_k = logf(static_cast<float>(K)), log_b = logf(static_cast<float>(B));
   const dim3 col_block(32, 8);
   const unsigned col_grid = static_cast<unsigned>((K + 31) / 32);
   const unsigned row_grid = static_cast<unsigned>((B + kRowsPerBlock - 1) / kRowsPerBlock);
+  sinkhorn_col_kernel<<<col_grid, col_block, 0, stream>>>(scores, B, K, eps, 0, g, c);
+  sinkhorn_global_kernel<<<1, 256, 0, stream>>>(c, K, g);
   for (int it = 0; it < n_iters; ++it) {
-    sinkhorn_col_kernel<<<col_grid, col_block, 0, stream>>>(scores, B, K, inv_eps, log_k, u, v);
-    sinkhorn_row_kernel<<<row_grid, 32 * kRowsPerBlock, 0, stream>>>(scores, B, K, inv_eps, log_b, v, u,
-                                                                     it == n_iters - 1 ? codes : nullptr);
+    const bool first = it == 0;
+    if (first) {
+      sinkhorn_col_kernel<<<col_grid, col_block, 0, stream>>>(scores, B, K, eps, 1, g, c);
+    } else {
+      sinkhorn_col_kernel<<<col_grid, col_block, 0, stream>>>(codes, B, K, eps, 2, g, c);
+    }
+    sinkhorn_row_kernel<<<row_grid, 32 * kRowsPerBlock, 0, stream>>>(scores, B, K, eps, log_k, log_b, g, c, first,
+                                                                     it == n_iters - 1, codes);
   }
   return cudaGetLastError();
 }
