@@ -26,10 +26,6 @@ from .cross_similarity import fragment_word_relevance, hard_assignment_similarit
 from .message_passing import gcn_layer, masked_attention
 from .prototypes import sinkhorn, swapped_prediction_loss
 
-# The C++ CPU backends of the correlation, message-passing and prototype families live in
-# aahr_fast/ops/_cpp_<family>.py (they register themselves when the dispatcher imports them).
-_dispatch.add_plugin_module("cpp", "aahr_fast.ops._cpp_{family}")
-
 __all__ = [
     "BACKENDS",
     "BackendFallbackWarning",

@@ -24,8 +24,8 @@ Plugging in a backend (other engineers do this without editing this file):
   differentiable through its own ``torch.autograd.Function``. ``supports(**kwargs) -> bool`` may
   decline some option combinations (the default selection then uses the reference; a forced backend
   raises).
-* put that module where the dispatcher imports it on first use: ``aahr_fast.ops.<family>_cpp`` (cpp),
-  ``aahr_fast.kernels.<family>`` (triton), ``aahr_fast.ops.<family>_cuda`` (cuda), where ``<family>`` is
+* put that module where the dispatcher imports it on first use: ``aahr_fast.ops._cpp_<family>`` (cpp),
+  ``aahr_fast.kernels.<family>`` (triton), ``aahr_fast.ops._cuda_<family>`` (cuda), where ``<family>`` is
   the op's module (``cross_similarity``, ``correlation``, ``message_passing``, ``prototypes``; see
   :data:`OP_FAMILY`). :func:`add_plugin_module` adds further module templates.
 """
@@ -61,9 +61,9 @@ OP_FAMILY = {
 #: backend -> module templates imported (once) before that backend is looked up for an op.
 _PLUGIN_TEMPLATES: dict[str, list[str]] = {
     "reference": [],
-    "cpp": ["aahr_fast.ops.{family}_cpp"],
+    "cpp": ["aahr_fast.ops._cpp_{family}"],
     "triton": ["aahr_fast.kernels.{family}"],
-    "cuda": ["aahr_fast.ops.{family}_cuda"],
+    "cuda": ["aahr_fast.ops._cuda_{family}"],
 }
 
 
