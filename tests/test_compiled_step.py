@@ -118,3 +118,35 @@ def test_fused_training_step_reads_nothing_on_the_host():
     with count_host_reads() as hits:
         model.training_losses(batch, 1, step.gen)
     assert hits, "value checks should read the lengths on the host"
+
+
+def test_gpucheck_no_sync_guard_records_host_reads_on_cpu():
+    from aahr_fast import gpucheck
+
+    with gpucheck.no_sync_guard("cpu") as reads:
+        torch.ones(2).sum().item()
+    assert len(reads) == 1 and reads[0].startswith("item")
+    torch.ones(1).item()  # restored
+
+
+def test_gpucheck_compiled_step_runs_without_host_reads_on_cpu():
+    """The CPU parts of gpucheck's compiled training step (the CUDA guard itself cannot run here)."""
+    from aahr_fast import gpucheck
+
+    report: dict = {}
+    ok = gpucheck.compiled_step_check("cpu", True, report, compile_backend="aot_eager")
+    row = report["compiled_step"]
+    assert ok and row["status"] == "ok" and row["host_reads"] == [] and row["graph_breaks"] == 0, row
+    assert "compiled AAHR training step" in _tables(report)
+
+
+def _tables(report):
+    import io
+
+    from aahr_fast import gpucheck
+
+    full = dict(device="cpu", selftest=True, torch=torch.__version__, cuda=None, triton=None, budget_s=1.0, checks=[],
+                speed=[], gallery=[], cuda_ext={"status": "not requested"}, notes="", **report)
+    buf = io.StringIO()
+    gpucheck.print_tables(full, out=buf)
+    return buf.getvalue()

@@ -21,7 +21,8 @@ Plugging in a backend (other engineers do this without editing this file):
 * call :func:`register` (``register(op, backend, fn, supports=None)``) at import time of the module
   that holds the implementation. ``fn`` takes exactly the reference's arguments (already validated by
   the public op: lengths are int64 on the tensors' device, dtypes agree) and returns the same outputs,
-  differentiable through its own ``torch.autograd.Function``. ``supports(**kwargs) -> bool`` may
+  differentiable through registered operators (:func:`aahr_fast.ops._library.fused_op` + ``register_autograd``;
+  what ``torch.compile`` needs) or its own ``torch.autograd.Function``. ``supports(**kwargs) -> bool`` may
   decline some option combinations (the default selection then uses the reference; a forced backend
   raises).
 * put that module where the dispatcher imports it on first use: ``aahr_fast.ops._cpp_<family>`` (cpp),
