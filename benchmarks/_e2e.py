@@ -258,7 +258,7 @@ def run_step_benchmark(benchmark, tools, *, group: str, preset: str, batch_size:
         assert all(parts[k] != 0.0 for k in ("proto", "gnn", "moco")), f"a loss term did not run: {parts}"
         peak, _ = tools.peak_extra_bytes(step, batch) if device == "cpu" else (_cuda_peak(step, batch), None)
         benchmark.pedantic(step, args=(batch,), rounds=rounds, iterations=1, warmup_rounds=0)
-    info = dict(backend=backend, compiled=compiled, preset=preset, batch=batch_size, embed_dim=cfg.embed_dim, threads=threads,
+    info = dict(backend=backend + ("-compiled" if compiled else ""), compiled=compiled, preset=preset, batch=batch_size, embed_dim=cfg.embed_dim, threads=threads,
                 device=device, peak_extra_mib=peak / 2**20, step_gflop=flops / 1e9,
                 loss_parts={k: round(v, 4) for k, v in parts.items()}, **extra)
     med = tools.median_seconds(benchmark)
@@ -268,7 +268,7 @@ def run_step_benchmark(benchmark, tools, *, group: str, preset: str, batch_size:
         if device == "cpu":
             ceiling = mm_ceiling_now(batch_size * N_REGIONS, cfg.embed_dim, FLICKR8K_DIMS["region_dim"])
             info.update(frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
-    tools.record(benchmark, group, backend + ("-compiled" if compiled else ""), **info)
+    tools.record(benchmark, group, info["backend"], **info)
     return info
 
 
