@@ -124,6 +124,8 @@ class TrainStep:
         EMA / enqueue stay eager. The negative sampling then draws from the global RNG."""
         self._loss_fn = torch.compile(lambda batch, step: self.model.training_losses(batch, step, None),
                                       fullgraph=True)
+        # the step only gates the warm-ups (step >= start): clamped to the last start, it compiles once
+        self._step_cap = max(self.model.start_of(k) for k in ("proto_start", "graph_start", "moco_start"))
         return self
 
     def __call__(self, batch: dict) -> dict:
@@ -133,7 +135,7 @@ class TrainStep:
 
             self.model.prepare_step()
             with value_checks(False):
-                out = self._loss_fn(batch, self.step_no)
+                out = self._loss_fn(batch, min(self.step_no, self._step_cap))
             out = {"loss": out["loss"], "parts": {k: float(v) for k, v in out["parts"].items()}}
         else:
             out = self.model.training_step(batch, self.step_no, self.gen)

@@ -55,9 +55,16 @@ def test_aahr_training_loss_compiles_fullgraph_zero_breaks_equal_to_eager(monkey
     explained = torch._dynamo.explain(fn)(batch)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend)
+    compiled_fn = torch.compile(fn, fullgraph=True, backend=counter)
     with ops.value_checks(False):
         eager, g_eager = _loss_and_grads(model, batch, fn)
-        compiled, g_comp = _loss_and_grads(model, batch, torch.compile(fn, fullgraph=True, backend=backend))
+        compiled, g_comp = _loss_and_grads(model, batch, compiled_fn)
+        model.on_after_optimizer_step()  # enqueue: the queue counters move on the host
+        compiled_fn(batch)
+    assert counter.frame_count == 1, "a second step must not recompile"
     assert set(eager["parts"]) == {"base", "proto", "gnn", "moco", "total"}
     assert all(float(v) != 0.0 for v in eager["parts"].values()), eager["parts"]
     for k in eager["parts"]:

@@ -69,6 +69,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._count_host: int | None = None   # host mirror of count (see is_full)
         self._ptr_host: int | None = None     # host mirror of ptr (see enqueue)
+        self._full_host = False
 
     @property
     def is_full(self) -> bool:
@@ -77,12 +78,15 @@ class FeatureQueue(nn.Module):
         Answered from a host-side mirror of ``count`` (read from the buffer once, after construction or a
         state-dict load, then advanced by :meth:`enqueue`), so the training step never reads it from the device.
         """
-        if self._count_host is None:
-            self._count_host = int(self.count)
-        return self._count_host >= self.size
+        if not self._full_host:  # once full, a queue stays full: compiled steps guard on this one bool
+            if self._count_host is None:
+                self._count_host = int(self.count)
+            self._full_host = self._count_host >= self.size
+        return self._full_host
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._count_host = self._ptr_host = None
+        self._full_host = False
         return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
@@ -113,6 +117,7 @@ class FeatureQueue(nn.Module):
         self.count.add_(n)
         if self._count_host is not None:
             self._count_host += n
+            self._full_host = self._full_host or self._count_host >= self.size
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"
