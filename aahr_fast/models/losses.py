@@ -88,8 +88,8 @@ def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tens
             u = torch.rand(s.shape, device=s.device, dtype=torch.float32)
         else:
             u = torch.rand(s.shape, generator=generator, device=generator.device, dtype=torch.float32).to(s.device)
-        cdf = probs.cumsum(dim=1)
-        k = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(s.shape[1] - 1)   # (B, B)
+        cdf = probs.double().cumsum(dim=1)  # float64 sums (as torch.multinomial's): boundaries stable to rounding
+        k = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).clamp_max(s.shape[1] - 1)   # (B, B)
     hinge = (margin + s.gather(1, k) - s).clamp_min(0.0)
     return torch.where(pair, hinge, 0.0).sum()
 
