@@ -229,7 +229,13 @@ class ImageBackbone(nn.Module):
 
 
 class TextBackbone(nn.Module):
-    """A BERT (default: all-MiniLM-L6-v2, hidden 384) giving token features and a sentence vector.
+    """The one BERT loader of the project (default: all-MiniLM-L6-v2, hidden 384): token features and a
+    sentence vector for ``prepare`` / ``search`` (frozen), and the fine-tuned text backbone of
+    ``text_mode="finetune"`` (``trainable=True``; the encoders call :meth:`hidden_states`).
+
+    Checkpoints written before the two loaders were merged stored the fine-tuned BERT under
+    ``<prefix>model.*`` (``aahr_fast.models.encoders.TextBackbone``); a load-state-dict pre-hook renames
+    those keys to ``<prefix>bert.*``, so old checkpoints load unchanged.
 
     Tokenisation is the model's WordPiece tokenizer: ``[CLS] w1 ... wn [SEP]``, padding id 0, lengths count
     [CLS] and [SEP] (data-and-eval.md 1.3; no truncation below the model's 512 positions). The sentence vector
@@ -264,6 +270,10 @@ class TextBackbone(nn.Module):
         self.model_path = str(path)
         self.name = path.name if path.name != "model" else path.parent.name
         self.dim = int(self.bert.config.hidden_size)
+        #: ids used by word masking (``aahr_fast.data.features.WordMasking``): [MASK], vocabulary size.
+        self.mask_token_id = self.tokenizer.mask_token_id
+        self.vocab_size = int(self.bert.config.vocab_size)
+        self._register_load_state_dict_pre_hook(_rename_old_backbone_keys)
         self.max_length = int(getattr(self.bert.config, "max_position_embeddings", 512))
         self.trainable = bool(trainable)
         if not self.trainable:
@@ -271,9 +281,37 @@ class TextBackbone(nn.Module):
                 p.requires_grad_(False)
             self.bert.eval()
 
+    @property
+    def hidden_size(self) -> int:
+        """Width H of the token features (``config.hidden_size``: 384 MiniLM, 768 bert-base)."""
+        return self.dim
+
+    @property
+    def path(self) -> str:
+        """The model folder (name kept from the former fine-tuning loader)."""
+        return self.model_path
+
     def train(self, mode: bool = True) -> "TextBackbone":
         """Frozen backbones stay in eval mode; trainable ones follow ``mode``."""
         return super().train(mode and self.trainable)
+
+    def continuation_table(self) -> np.ndarray:
+        """``(vocab_size,)`` bool: True for WordPiece continuation pieces (``##...``), which belong to the
+        word of the piece before them. Whole-word masking groups ids with it (same words as the
+        authors' basic-tokenizer split followed by WordPiece). Raises nothing."""
+        table = np.zeros(self.vocab_size, dtype=bool)
+        for tok, idx in self.tokenizer.get_vocab().items():
+            if tok.startswith("##") and 0 <= idx < self.vocab_size:
+                table[idx] = True
+        return table
+
+    def hidden_states(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw ``last_hidden_state`` (M, L, H) float of ``input_ids`` (M, L) int (0 = pad) with the attention
+        mask from ``lengths`` (M,) int; padded positions are left as BERT computes them (the authors'
+        encoder keeps them too; ours masks them downstream). No validation (the text encoder checks ids
+        and lengths with ``check_fragments``); shape errors are torch's RuntimeError."""
+        mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths.to(input_ids.device)[:, None]
+        return self.bert(input_ids=input_ids.long(), attention_mask=mask.long()).last_hidden_state
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """WordPiece-tokenise captions, padded to the longest.
@@ -323,6 +361,18 @@ class TextBackbone(nn.Module):
         out = out * mask[..., None].to(out.dtype)
         sent = out.sum(dim=1) / lengths.to(out.device, out.dtype).clamp_min(1)[:, None]
         return out, torch.nn.functional.normalize(sent, p=2, dim=-1)
+
+
+def _rename_old_backbone_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+    """Load-state-dict pre-hook of :class:`TextBackbone`: ``<prefix>model.X`` (the layout of the former
+    ``aahr_fast.models.encoders.TextBackbone``) -> ``<prefix>bert.X``, in place. Keys already in the new
+    layout are left alone."""
+    old = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        new = prefix + "bert." + key[len(old):]
+        if new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
 
 
 class OpenCLIPGlobal(nn.Module):

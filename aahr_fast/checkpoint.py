@@ -59,6 +59,9 @@ class CheckpointRef:
     weights: Path
     state: Path | None
     info: dict
+    #: what the user gave (run folder, pointer, ``.pt`` ...) when it is not ``weights`` itself; errors
+    #: about ``weights`` name it too (see :func:`read_weights_meta`)
+    given: Path | None = None
 
 
 def checkpoint_tag(epoch: int, step: int) -> str:
@@ -147,13 +150,13 @@ def resolve_checkpoint(spec: str | os.PathLike, prefer: str = "best") -> Checkpo
         order = [prefer] + [n for n in ("best", "last") if n != prefer]
         for name in order:
             if (path / f"{name}.json").is_file():
-                return _read_pointer(path / f"{name}.json")
+                return _with_given(_read_pointer(path / f"{name}.json"), path)
         raise CheckpointError(f"{path}: no best.json or last.json checkpoint pointer (not a run folder, "
                               f"or no epoch finished yet)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".json":
-        return _read_pointer(path)
+        return _with_given(_read_pointer(path), path)
     if path.suffix == ".safetensors":
         state = path.with_suffix(".pt")
         return CheckpointRef(path, state if state.is_file() else None, {})
@@ -161,29 +164,90 @@ def resolve_checkpoint(spec: str | os.PathLike, prefer: str = "best") -> Checkpo
         weights = path.with_suffix(".safetensors")
         if not weights.is_file():
             raise CheckpointError(f"{path}: its weights file {weights.name} is missing")
-        return CheckpointRef(weights, path, {})
+        return CheckpointRef(weights, path, {}, given=path)
     raise CheckpointError(f"{path}: expected a run folder, a .json pointer, .safetensors or .pt checkpoint")
 
 
-def read_weights_meta(path: str | os.PathLike) -> dict:
+def _with_given(ref: CheckpointRef, given: Path) -> CheckpointRef:
+    ref.given = given
+    return ref
+
+
+def _whose(path: Path, given: str | os.PathLike | None) -> str:
+    """``path`` as an error names it: with the checkpoint the user gave when that is another file."""
+    if given is None or Path(given) == path:
+        return str(path)
+    return f"checkpoint {given}: its weights file {path}"
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is structurally wrong with a ``.safetensors`` file, in words, or None when its size agrees
+    with its header (cheap: reads the 8-byte length and the JSON header only, never the tensors).
+
+    Detects a missing or empty file, a file shorter than its header, an unparsable header and a file
+    shorter than the byte range its tensors need (a truncated copy or an interrupted download).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{'empty' if size == 0 else 'truncated'}: {size} bytes, not even the 8-byte header length"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return (f"truncated or not a safetensors file: {size} bytes, but its header length field "
+                        f"says the header alone needs {8 + n} bytes")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"corrupt header (not JSON: {err})"
+    if not isinstance(header, dict):
+        return "corrupt header (not a JSON object)"
+    try:
+        need = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "corrupt header (tensor entries without data_offsets)"
+    if 8 + n + need > size:
+        return (f"truncated: {size} bytes, but its tensors need {8 + n + need} bytes "
+                f"({8 + n + need - size} missing; an interrupted copy or download?)")
+    return None
+
+
+def read_weights_meta(path: str | os.PathLike, *, given: str | os.PathLike | None = None) -> dict:
     """Header metadata of a weights file: ``config`` and ``dims`` (dicts), ``epoch``/``step`` (int),
-    ``ckpt_id`` (str). Raises CheckpointError for a missing, truncated or foreign file."""
+    ``ckpt_id`` (str).
+
+    Args:
+        path: the ``.safetensors`` weights file.
+        given: what the user named (``CheckpointRef.given``: a ``.pt``, pointer or run folder); errors then
+            name it and say that ``path`` is its weights file.
+    Raises:
+        CheckpointError: missing, truncated (byte counts named), corrupt or foreign file.
+    """
     from safetensors import safe_open
 
     path = Path(path)
+    who = _whose(path, given)
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{who} is {problem}" if problem == "missing" else f"{who} is unusable: {problem}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as err:  # noqa: BLE001 - safetensors raises several error types
-        raise CheckpointError(f"{path}: unreadable safetensors checkpoint ({err})") from None
+        raise CheckpointError(f"{who}: unreadable safetensors checkpoint ({err})") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an aahr_fast checkpoint (format {meta.get('format')!r}, "
+        raise CheckpointError(f"{who}: not an aahr_fast checkpoint (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
     try:
         return {"config": json.loads(meta["config"]), "dims": json.loads(meta["dims"]),
                 "epoch": int(meta["epoch"]), "step": int(meta["step"]), "ckpt_id": meta["ckpt_id"]}
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({err})") from None
+        raise CheckpointError(f"{who}: corrupt checkpoint metadata ({err})") from None
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -194,6 +258,20 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out.extend(_diff(a.get(key, "<missing>"), b.get(key, "<missing>"), name))
         return out
     return [] if a == b else [f"{prefix}: checkpoint {a!r} != current {b!r}"]
+
+
+def _resolved_model_config(stored: Any) -> Any:
+    """A checkpoint's stored model config with the keys added since it was written filled in as the code
+    resolves them (defaults, ``preset``), so an older checkpoint compares equal to the config rebuilt from
+    it. Falls back to ``stored`` unchanged when it does not build (e.g. a non-AAHR config). Raises nothing."""
+    if not isinstance(stored, dict):
+        return stored
+    try:
+        from aahr_fast.models.config import ModelConfig
+
+        return ModelConfig(**stored).to_dict()
+    except Exception:  # noqa: BLE001 - comparison then happens on the raw dict, as before
+        return stored
 
 
 def load_weights(model: torch.nn.Module, ref: CheckpointRef | str | os.PathLike, *,
@@ -216,12 +294,13 @@ def load_weights(model: torch.nn.Module, ref: CheckpointRef | str | os.PathLike,
 
     if not isinstance(ref, CheckpointRef):
         ref = resolve_checkpoint(ref)
-    meta = read_weights_meta(ref.weights)
+    meta = read_weights_meta(ref.weights, given=ref.given)
     problems = []
     if expected_dims is not None:
         problems += [f"feature dim {d}" for d in _diff(meta["dims"], expected_dims)]
     if expected_model_config is not None:
-        problems += [f"config model.{d}" for d in _diff(meta["config"].get("model", {}), expected_model_config)]
+        problems += [f"config model.{d}" for d in _diff(_resolved_model_config(meta["config"].get("model", {})),
+                                                         expected_model_config)]
     if problems:
         raise CheckpointError(f"{ref.weights}: checkpoint was trained with a different setup: "
                               + "; ".join(problems))
@@ -235,7 +314,7 @@ def load_weights(model: torch.nn.Module, ref: CheckpointRef | str | os.PathLike,
     try:
         missing, unexpected = load_model(model, str(ref.weights), strict=False)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{ref.weights}: cannot load weights ({err})") from None
+        raise CheckpointError(f"{_whose(ref.weights, ref.given)}: cannot load weights ({err})") from None
     if missing or unexpected:
         raise CheckpointError(f"{ref.weights}: weights do not match the model: missing {sorted(missing)[:10]}, "
                               f"unexpected {sorted(unexpected)[:10]}")
@@ -253,7 +332,7 @@ def load_train_state(ref: CheckpointRef) -> dict:
         raise CheckpointError(f"{ref.state}: unreadable training state ({err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ref.state}: not an aahr_fast training state")
-    meta = read_weights_meta(ref.weights)
+    meta = read_weights_meta(ref.weights, given=ref.given)
     if state.get("ckpt_id") != meta["ckpt_id"]:
         raise CheckpointError(f"{ref.state} and {ref.weights} belong to different checkpoints "
                               f"(ids {state.get('ckpt_id')} != {meta['ckpt_id']})")

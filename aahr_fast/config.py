@@ -30,7 +30,6 @@ embedded in each checkpoint, so a run can be rebuilt from its folder alone.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -41,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from aahr_fast.utils.errors import ConfigError
+from aahr_fast.utils.errors import ConfigError, unknown_key_error
+from aahr_fast.utils.errors import suggest_key as _suggest
 from aahr_fast.utils.io import atomic_write
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "validate_config",
     "save_config",
     "diff_configs",
+    "unknown_key_error",
 ]
 
 #: Folder of the shipped YAML configs (installed as package data).
@@ -93,6 +94,12 @@ class DataConfig:
             ``dev_split`` only (never the test split).
         protocol: test protocol, ``"1k"`` (whole test matrix, Flickr), ``"coco5fold"`` or ``"5k"``.
         region_drop: size augmentation, probability of dropping each region in training (GPO).
+        word_mask_prob: word masking in training (the authors' ``process_caption_bert``): probability that
+            a word of a caption is selected (authors 0.2; 0 = off, the default). Fine-tuned text
+            (``model.text_mode: finetune``): whole words on token ids; frozen token features: per token,
+            see :class:`aahr_fast.data.features.WordMasking` and docs/FIDELITY.md.
+        word_mask_split: ``[mask, random, delete]`` fractions of the selected words (authors 0.5 / 0.1 /
+            0.4): replaced by [MASK], by random tokens, or deleted. Must sum to 1.
         num_workers: DataLoader worker processes (0 = load in the main process).
         eval_batch_size: items per forward pass when encoding dev/test images and captions.
         dev_max_images: evaluate model selection on only the first N dev images (None = all).
@@ -109,6 +116,8 @@ class DataConfig:
     test_split: str = "test"
     protocol: str = "1k"
     region_drop: float = 0.2
+    word_mask_prob: float = 0.0
+    word_mask_split: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.4])
     num_workers: int = 0
     eval_batch_size: int = 256
     dev_max_images: int | None = None
@@ -181,6 +190,14 @@ class RunConfig:
         log_every_steps: append a step record to metrics.jsonl every N steps.
         max_nonfinite_steps: stop after this many consecutive steps with a non-finite loss or
             gradient (each one is skipped and logged); the last good checkpoint is kept.
+        collapse_patience: stop when training has looked collapsed (see :mod:`aahr_fast.collapse`) for
+            this many iterations in a row (0 = report collapse but never stop). No checkpoint is written
+            while it lasts, so the last good checkpoint is kept. Checked at every logged step.
+        collapse_min_spread: a batch whose final image or text embeddings have a spread (RMS distance of
+            the L2-normalised rows from their mean, 0..1) below this looks collapsed (0 = no spread check).
+        collapse_loss_rtol: a loss equal to the previous checked one within this relative tolerance
+            looks collapsed (stuck at a degenerate constant; a loss of exactly 0 never does); null = no
+            loss check.
         eval_every_epochs: evaluate on the dev split every N epochs (and always after the last).
         progress: show a tqdm progress bar.
         plots: write PNG plots (loss curves, dev rsum) after every epoch.
@@ -197,6 +214,9 @@ class RunConfig:
     save_every_steps: int = 0
     log_every_steps: int = 1
     max_nonfinite_steps: int = 10
+    collapse_patience: int = 50
+    collapse_min_spread: float = 1e-3
+    collapse_loss_rtol: float | None = 1e-6
     eval_every_epochs: int = 1
     progress: bool = True
     plots: bool = True
@@ -340,31 +360,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except Exception as err:  # noqa: BLE001 - any constructor failure is a config error
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({err})") from None
     return value
-
-
-def _suggest(name: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def unknown_key_error(prefix: str, name: str, valid: Sequence[str]) -> ConfigError:
-    """The ConfigError for an unknown config key, with the closest valid key suggested (``difflib``).
-
-    Args:
-        prefix: dotted section of the key (``"model"``), or ``""`` for a bare key.
-        name: the unknown key. valid: the valid keys of that section, listed in the message.
-    Returns:
-        ``ConfigError("unknown config key 'model.num_prototype'; did you mean 'model.num_prototypes'? (valid
-        keys of model: ...)")`` (not raised: the caller raises it). Shared by the YAML / override loader and
-        :meth:`aahr_fast.models.config.ModelConfig.from_dict`.
-    """
-    full = f"{prefix}.{name}" if prefix else name
-    hint = _suggest(name, valid)
-    if hint:
-        close = hint.split("'")[1]
-        hint = f"; did you mean {(prefix + '.' + close) if prefix else close!r}?"
-    return ConfigError(f"unknown config key {full!r}{hint} (valid keys{' of ' + prefix if prefix else ''}: "
-                       f"{', '.join(valid)})")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -577,15 +572,26 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.protocol={d.protocol!r}: expected one of {list(_PROTOCOLS)}")
     if not (0 <= d.region_drop < 1):
         raise ConfigError(f"data.region_drop={d.region_drop}: expected a probability in [0, 1)")
+    if not (0 <= d.word_mask_prob < 1):
+        raise ConfigError(f"data.word_mask_prob={d.word_mask_prob}: expected a probability in [0, 1) (0 = off)")
+    split = list(d.word_mask_split)
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+        raise ConfigError(f"data.word_mask_split={split}: expected three non-negative fractions [mask, random, "
+                          f"delete] summing to 1 (authors: [0.5, 0.1, 0.4])")
     for key, val, lo in (("data.num_workers", d.num_workers, 0), ("data.eval_batch_size", d.eval_batch_size, 1),
                          ("run.save_every_steps", r.save_every_steps, 0),
                          ("run.log_every_steps", r.log_every_steps, 1),
                          ("run.max_nonfinite_steps", r.max_nonfinite_steps, 1),
+                         ("run.collapse_patience", r.collapse_patience, 0),
                          ("run.eval_every_epochs", r.eval_every_epochs, 1),
                          ("run.keep_checkpoints", r.keep_checkpoints, 0),
                          ("data.prepare_batch_size", d.prepare_batch_size, 1)):
         if val < lo:
             raise ConfigError(f"{key}={val}: needs >= {lo}")
+    if not (0 <= r.collapse_min_spread < 1):
+        raise ConfigError(f"run.collapse_min_spread={r.collapse_min_spread}: expected a value in [0, 1) (0 = off)")
+    if r.collapse_loss_rtol is not None and not (0 <= r.collapse_loss_rtol < 1):
+        raise ConfigError(f"run.collapse_loss_rtol={r.collapse_loss_rtol}: expected a value in [0, 1) or null (off)")
     if r.threads is not None and r.threads < 1:
         raise ConfigError(f"run.threads={r.threads}: needs >= 1 or null")
     if d.dev_max_images is not None and d.dev_max_images < 1:

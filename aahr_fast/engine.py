@@ -13,6 +13,10 @@ prepared feature folder (docs/DESIGN.md):
 * a training guard: a step whose loss or gradient norm is non-finite is skipped (no optimizer step,
   no momentum/queue update) and logged; ``run.max_nonfinite_steps`` consecutive ones stop the run with
   :class:`NonFiniteLossError`, leaving the last good checkpoint in place;
+* a collapse guard (:mod:`aahr_fast.collapse`): at every logged step the spread of the detached
+  embeddings the step returned and the loss are checked; a collapse (embeddings all alike, or a loss
+  stuck at a constant) is logged and recorded (``"collapse"``), no checkpoint is written while it lasts,
+  and ``run.collapse_patience`` iterations of it stop the run with :class:`TrainingCollapseError`;
 * model selection on the *dev* split by rsum (never test); checkpoints (:mod:`aahr_fast.checkpoint`)
   after every epoch and every ``run.save_every_steps`` iterations, holding everything needed to
   resume exactly, including the epoch's sampler permutation and position;
@@ -64,12 +68,15 @@ from aahr_fast.checkpoint import (
     save_checkpoint,
     update_pointer,
 )
+from aahr_fast.collapse import CollapseMonitor, TrainingCollapseError, step_statistics
 from aahr_fast.config import TrainConfig, config_to_dict, save_config
+from aahr_fast.metrics_log import MetricsLog  # re-exported: engine.MetricsLog is public
 from aahr_fast.utils.errors import AAHRError, CheckpointError, ConfigError
-from aahr_fast.utils.io import atomic_save_json, atomic_write
+from aahr_fast.utils.io import atomic_save_json
 
 __all__ = [
     "NonFiniteLossError",
+    "TrainingCollapseError",
     "select_device",
     "amp_dtype",
     "configure_determinism",
@@ -248,46 +255,6 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return max(0, self.num_batches - self.start)
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, appended and flushed as training goes.
-
-    Record types: ``step`` (epoch, step, loss, parts, lr, grad_norm), ``skip`` (a non-finite step),
-    ``epoch`` (epoch, step, train_loss, dev metrics, lr, seconds), ``resume``, ``stop``. Appends are
-    plain line writes (a log, not a result file); a crash can leave at most a partial last line,
-    which :meth:`read` ignores, and on resume :meth:`truncate_to_step` rewrites the file atomically
-    without the records past the checkpoint.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-
-    @staticmethod
-    def read(path: str | os.PathLike) -> list[dict]:
-        """All complete records of a metrics file (a truncated last line is skipped)."""
-        out = []
-        p = Path(path)
-        if not p.is_file():
-            return out
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
-
-    def truncate_to_step(self, step: int) -> None:
-        """Keep only records with ``step <= step`` (events without a step are kept)."""
-        keep = [r for r in self.read(self.path) if r.get("step", -1) <= step]
-        with atomic_write(self.path, "w") as fh:
-            for r in keep:
-                fh.write(json.dumps(r) + "\n")
-
-
 class _NullMetricsLog(MetricsLog):
     """The metrics log of a non-zero rank in a multi-process run: writes nothing (rank 0 logs)."""
 
@@ -339,6 +306,19 @@ def feature_dims(fs: Any) -> dict:
 
 def _text_field(model_cfg: Any) -> str:
     return "input_ids" if getattr(model_cfg, "text_mode", "frozen") == "finetune" else "tokens"
+
+
+def _word_masking(data_cfg: Any, model_cfg: Any) -> Any:
+    """The training set's :class:`~aahr_fast.data.features.WordMasking` (None when ``data.word_mask_prob``
+    is 0): on token ids with the fine-tuned backbone's tokenizer, else on frozen token features."""
+    prob = float(getattr(data_cfg, "word_mask_prob", 0.0))
+    if prob <= 0:
+        return None
+    from aahr_fast.data.features import WordMasking, word_masking_for_tokenizer
+
+    if _text_field(model_cfg) == "input_ids":
+        return word_masking_for_tokenizer(prob, data_cfg.word_mask_split, getattr(model_cfg, "text_backbone_path", None))
+    return WordMasking(prob, data_cfg.word_mask_split)
 
 
 def _uses_global(model_cfg: Any) -> bool:
@@ -516,7 +496,8 @@ class Trainer:
         self.dev_fs = open_feature_split(self.data_dir, d.dev_split)
         self.dims = feature_dims(self.train_fs)
         self.train_set = CaptionDataset(self.train_fs, train=True, region_drop=d.region_drop,
-                                        text=_text_field(m), with_global=_uses_global(m), seed=run.seed)
+                                        text=_text_field(m), with_global=_uses_global(m), seed=run.seed,
+                                        word_mask=_word_masking(d, m))
         n = len(self.train_set)
         bs = cfg.optim.batch_size
         if n < bs:
@@ -549,6 +530,7 @@ class Trainer:
         self.sampler_gen = torch.Generator().manual_seed(run.seed + 1)
         self.model_gen = torch.Generator(device=self.device).manual_seed(run.seed + 2)
         self.p = _Progress()
+        self.collapse = CollapseMonitor(run.collapse_patience, run.collapse_min_spread, run.collapse_loss_rtol)
         self.config_dict = config_to_dict(cfg)
 
         if self.resume:
@@ -596,7 +578,7 @@ class Trainer:
                          "best_rsum": p.best_rsum, "best_epoch": p.best_epoch, "nonfinite_run": p.nonfinite_run,
                          "epoch_loss_sum": p.epoch_loss_sum, "epoch_loss_n": p.epoch_loss_n,
                          "batches_per_epoch": self.batches_per_epoch, "best_tag": p.best_tag,
-                         "best_info": dict(p.best_info)},
+                         "best_info": dict(p.best_info), "collapse": self.collapse.state_dict()},
             "perm": p.perm,
             "rng": _rng_state(self.sampler_gen, self.model_gen),
         }
@@ -622,6 +604,7 @@ class Trainer:
         p.nonfinite_run = int(prog["nonfinite_run"])
         p.epoch_loss_sum, p.epoch_loss_n = float(prog["epoch_loss_sum"]), int(prog["epoch_loss_n"])
         p.perm = state["perm"]
+        self.collapse.load_state_dict(prog.get("collapse"))
         _set_rng_state(state["rng"], self.sampler_gen, self.model_gen)
         self.metrics_log.truncate_to_step(p.step)
         self.metrics_log.append({"type": "resume", "step": p.step, "epoch": p.epoch,
@@ -703,6 +686,7 @@ class Trainer:
         loss = out["loss"]
         with value_checks(False):
             self.scaler.scale(loss).backward()   # every rank runs it (DDP's backward is collective)
+        stats = step_statistics(out)   # 0-d tensors from the detached embeddings; read at logging time
         loss_val = float(loss.detach().float().item())   # first host read of the step
         parts = {k: float(v) for k, v in (out.get("parts") or {}).items()}
         record = {"type": "step", "epoch": p.epoch + 1, "step": p.step + 1, "loss": loss_val, "parts": parts,
@@ -728,6 +712,8 @@ class Trainer:
         self.scaler.update()
         if hasattr(self.model, "on_after_optimizer_step"):
             self.model.on_after_optimizer_step()
+        if stats:
+            record["_stats"] = stats
         return record
 
     def fit(self) -> dict:
@@ -736,6 +722,7 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: ``run.max_nonfinite_steps`` consecutive non-finite steps.
+            TrainingCollapseError: ``run.collapse_patience`` steps that looked collapsed (aahr_fast.collapse).
         """
         prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
         configure_determinism(self.cfg.run.deterministic, self.device)
@@ -777,20 +764,71 @@ class Trainer:
                     p.nonfinite_run = 0
                     p.epoch_loss_sum += rec["loss"]
                     p.epoch_loss_n += 1
+                    stats = rec.pop("_stats", None)
                     if p.step % cfg.run.log_every_steps == 0:
+                        self._check_collapse(rec, stats)
                         self.metrics_log.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", refresh=False)
                 every = cfg.run.save_every_steps
                 if (every and p.step % every == 0 and p.batch_in_epoch < self.batches_per_epoch
-                        and p.nonfinite_run == 0):
+                        and p.nonfinite_run == 0 and not self.collapse.withholding):
                     self._save(("last",))
                 if p.step == _STALL_AFTER_STEP:
                     _stall(p.step)
             bar.close()
             self._end_epoch(time.perf_counter() - t_epoch)
+        if self.collapse.withholding and not (self.run_dir / "last.json").is_file():
+            self._stop_collapse({"steps": p.step - self.collapse.since + 1, "reason": self.collapse.reason},
+                                ended=True)
         results = self._final_test()
         results["train_seconds_this_process"] = round(time.perf_counter() - t_start, 3)
         return results
+
+    def _check_collapse(self, rec: dict, stats: dict | None) -> None:
+        """The collapse check of one logged step record (at logging time: the stat tensors are read to
+        the host here, with one ``tolist()``). Adds ``spread`` to ``rec``; reports the start / end of a
+        collapse (log line + ``"collapse"`` record); raises :class:`TrainingCollapseError` after
+        ``run.collapse_patience`` iterations of it."""
+        values: dict[str, float] = {}
+        if stats:
+            names = sorted(stats)
+            values = dict(zip(names, torch.stack([stats[k].float().reshape(()) for k in names]).cpu().tolist()))
+            rec["spread"] = {k.split("_", 1)[1]: round(v, 6) for k, v in values.items()}
+        verdict = self.collapse.check(rec["step"], rec["loss"], values)
+        event = verdict["event"]
+        p = self.p
+        if event == "start":
+            self.log(f"[train] step {p.step}: WARNING training looks collapsed: {verdict['reason']}. No checkpoint "
+                     f"is written while this lasts; {self._collapse_budget()}")
+            self.metrics_log.append({"type": "collapse", "epoch": rec["epoch"], "step": rec["step"],
+                                     "reason": verdict["reason"], "loss": rec["loss"], **(
+                                         {"spread": rec["spread"]} if "spread" in rec else {})})
+        elif event == "recovered":
+            self.log(f"[train] step {p.step}: training no longer looks collapsed (after {verdict['steps']} steps)")
+            self.metrics_log.append({"type": "collapse", "epoch": rec["epoch"], "step": rec["step"],
+                                     "recovered": True, "steps": verdict["steps"]})
+        elif event == "stop":
+            self.metrics_log.append(rec)
+            self._stop_collapse(verdict)
+
+    def _collapse_budget(self) -> str:
+        n = self.cfg.run.collapse_patience
+        return (f"training stops if it lasts {n} steps (run.collapse_patience)" if n
+                else "run.collapse_patience=0: it will not stop training")
+
+    def _last_good(self) -> str:
+        last = self.run_dir / "last.json"
+        return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
+    def _stop_collapse(self, verdict: dict, ended: bool = False) -> None:
+        what = (f"training ended at step {self.p.step} with no checkpoint to test" if ended else
+                f"training stopped at step {self.p.step} (epoch {self.p.epoch + 1})")
+        msg = (f"{what}: it has looked collapsed for "
+               f"{verdict['steps']} steps (run.collapse_patience={self.cfg.run.collapse_patience}): "
+               f"{verdict['reason']}; {self._last_good()} (nothing was saved during the collapse). Lower "
+               f"optim.lr, check the features (constant or duplicated rows), or change model.loss / model.margin")
+        self.metrics_log.append({"type": "stop", "step": self.p.step, "reason": msg})
+        raise TrainingCollapseError(msg)
 
     def _stop_nonfinite(self) -> None:
         n = self.cfg.run.max_nonfinite_steps
@@ -817,7 +855,7 @@ class Trainer:
                                  max_images=cfg.data.dev_max_images, autocast=self.autocast)
             record["dev"] = dev
             info["dev_rsum"] = dev["rsum"]
-            if dev["rsum"] > p.best_rsum:
+            if dev["rsum"] > p.best_rsum and not self.collapse.withholding:
                 p.best_rsum, p.best_epoch = dev["rsum"], epoch
                 pointers = ("last", "best")
             self.log(f"[train] epoch {epoch}: train loss {record['train_loss']:.4f}, dev rsum {dev['rsum']:.2f} "
@@ -825,7 +863,13 @@ class Trainer:
         p.epoch = epoch
         p.batch_in_epoch = 0
         p.perm = None
-        self._save(pointers, info)
+        if self.collapse.active:
+            record["collapse"] = self.collapse.reason
+        if self.collapse.withholding:   # keep the last good checkpoint (see aahr_fast.collapse)
+            self.log(f"[train] epoch {epoch}: no checkpoint written, training looks collapsed "
+                     f"({self.collapse.reason})")
+        else:
+            self._save(pointers, info)
         self.metrics_log.append(record)
         if cfg.run.plots and self.is_main:
             from aahr_fast.plots import plot_run

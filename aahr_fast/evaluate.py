@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aahr_fast.evaluate",
                                 description="Evaluate an aahr_fast checkpoint (R@K, rsum; optional ECCV Caption).")
     p.add_argument("--checkpoint", required=True, help="run folder, pointer .json, .safetensors or .pt")
-    p.add_argument("--data", help="feature folder (default: the data the run was trained on)")
+    p.add_argument("--data", help="'synthetic', a prepared feature folder, or a raw dataset to prepare; the values "
+                                  "train and index accept (default: the data the run was trained on)")
     p.add_argument("--split", default=None, help="split name (default: the run's test split)")
     p.add_argument("--protocol", choices=("1k", "coco5fold", "5k"), default=None,
                    help="1k: whole matrix (Flickr); coco5fold: mean of 5 folds of 1K images; 5k: whole 5K matrix")
@@ -84,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None, split: str 
     if batch_size is not None:  # 0 must not silently mean "the run's default"
         batch_size = check_positive_int("--batch-size", batch_size)
     ref = resolve_checkpoint(checkpoint, prefer=which)
-    meta = read_weights_meta(ref.weights)
+    meta = read_weights_meta(ref.weights, given=ref.given)
     cfg = config_from_dict(meta["config"])
     if config is not None:
         other = load_config(config, overrides, validate=False)

@@ -23,7 +23,7 @@ stored in the manifest.
 Index folder (``--out``), every file written atomically (:mod:`aahr_fast.utils.io`), manifest last::
 
     index.faiss   the FAISS index (row j = gallery item j)
-    items.json    image ids (+ image files when the prepared folder's dataset is readable), captions,
+    items.json    image ids (+ image files: the prepared folder's {split}_images.txt, else its dataset), captions,
                   caption -> image index; the gallery items are the images or the captions
     index.json    manifest: format, modality, split, data folder + its meta hash/backbones, checkpoint
                   (given spec, weights path, ckpt_id, sha256 of the weights file), dim, ntotal, index
@@ -40,6 +40,7 @@ Exit status: 0 ok, 2 for configuration / data / checkpoint errors (one-line mess
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -204,10 +205,33 @@ def _write_bytes(path: Path, data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _image_paths(meta: dict | None, split: str, image_ids: Sequence[str]) -> list[str | None] | None:
-    """Image files of the split's images when the prepared folder's dataset can still be read."""
+def _image_paths(meta: dict | None, split: str, image_ids: Sequence[str],
+                 folder: Path | None = None) -> list[str | None] | None:
+    """Image files of the split's images (row order), or None when none is known.
+
+    Sources, first found wins: ``folder/{split}_images.txt`` (written by ``prepare``: one absolute path per
+    image row); else the dataset ``meta.json`` records, re-read with ``open_dataset`` (a Flickr8k folder, a
+    COCO / Karpathy json); else, for in-memory splits (the synthetic dataset), ``<source>/images/<image id>``
+    of the split's recorded source folder. Files that no longer exist are still listed (search says so).
+    """
+    n = len(image_ids)
+    if folder is not None and (folder / f"{split}_images.txt").is_file():
+        try:
+            lines = (folder / f"{split}_images.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        if len(lines) == n:
+            return [ln or None for ln in lines]
     spec = (meta or {}).get("dataset")
-    if not spec or spec.startswith("<") or spec == "synthetic":
+    if not spec:
+        return None
+    if spec.startswith("<"):  # in-memory splits: their source folders (the synthetic cache holds images/<id>)
+        src = ((meta or {}).get("sources") or {}).get(split)
+        if not src or not (Path(src) / "images").is_dir():
+            return None
+        paths = [Path(src) / "images" / i for i in image_ids]
+        return [str(p.resolve()) for p in paths] if any(p.is_file() for p in paths) else None
+    if spec == "synthetic":
         return None
     try:
         from aahr_fast.data.readers import open_dataset
@@ -232,7 +256,10 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     Args:
         checkpoint: what :func:`aahr_fast.retrieval.load_model` accepts (ignored for loading when
             ``loaded`` is given, but recorded). out: index folder (created; an old manifest is removed first).
-        data: prepared feature folder (default: the run's ``data.path`` when it is a feature folder).
+        data: what ``train`` / ``evaluate`` accept as ``--data`` (:func:`aahr_fast.train.resolve_data`):
+            ``"synthetic"`` (the run's synthetic sizes and seed; rendered and prepared into the cache when
+            missing), a prepared feature folder, or a raw dataset (prepared into the cache). Default: the
+            run's ``data.path``.
         split: split name. modality: ``"image"`` or ``"text"`` gallery. kind: ``flat`` / ``hnsw`` / ``ivf``.
         nlist, nprobe, hnsw_m, ef_construction, ef_search: see :func:`make_faiss_index`.
         recall_queries: approximate kinds: use the first this many of the gallery's own queries for the
@@ -270,13 +297,13 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     if loaded is None:
         loaded = load_model(checkpoint, which=which, device=device)
     cfg = loaded.config
-    if data is None:
-        cand = Path(str(cfg.data.path)).expanduser()
-        if not (cand / "meta.json").is_file() and not (cand / f"{split}_ims.npy").is_file():
-            raise ConfigError(f"--data is needed: the run's data.path {cfg.data.path!r} is not a prepared feature "
-                              f"folder on this machine")
-        data = cand
-    folder = Path(data).expanduser().resolve()
+    # --data takes what train / evaluate take: one resolver (aahr_fast.train.resolve_data) for all three
+    from aahr_fast.train import resolve_data
+
+    data_cfg = copy.deepcopy(cfg)
+    if data is not None:
+        data_cfg.data.path = str(data)
+    folder = resolve_data(data_cfg, log).expanduser().resolve()
     from aahr_fast.data.features import FeatureSplit
 
     fs = FeatureSplit(folder, split)
@@ -322,7 +349,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     build_id = uuid.uuid4().hex
     image_ids = list(fs.image_ids)
     items = {"build_id": build_id, "modality": modality, "image_ids": image_ids,
-             "image_paths": _image_paths(meta, split, image_ids), "captions": list(fs.captions),
+             "image_paths": _image_paths(meta, split, image_ids, folder), "captions": list(fs.captions),
              "caption_image": [int(i) for i in np.asarray(fs.caption_image)]}
     files = {INDEX_FILE: _write_bytes(out / INDEX_FILE, faiss.serialize_index(index).tobytes()),
              ITEMS_FILE: _write_bytes(out / ITEMS_FILE, json.dumps(items).encode("utf-8"))}
@@ -494,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aahr_fast.index",
                                 description="Encode a gallery with a trained aahr_fast checkpoint into a FAISS index.")
     p.add_argument("--checkpoint", required=True, help="run folder, pointer .json, .safetensors or .pt")
-    p.add_argument("--data", help="prepared feature folder (default: the run's data.path when it is one)")
+    p.add_argument("--data", help="'synthetic', a prepared feature folder, or a raw dataset to prepare; the values "
+                                  "train and evaluate accept (default: the data the run was trained on)")
     p.add_argument("--split", default="test", help="split name (default test)")
     p.add_argument("--modality", required=True, choices=("image", "text"),
                    help="gallery items: images (for text queries) or captions (for image queries)")

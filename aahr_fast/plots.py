@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aahr_fast.metrics_log import MetricsLog
 from aahr_fast.utils.io import atomic_write_path
 
 __all__ = ["plot_run", "moving_average"]
@@ -48,8 +49,6 @@ def plot_run(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> lis
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
-    from aahr_fast.engine import MetricsLog
 
     records = MetricsLog.read(metrics_path)
     out_dir = Path(out_dir)

@@ -8,6 +8,8 @@ writes the files listed in docs/DESIGN.md ("Prepared feature folder")::
     {split}_ims_global.npy   (N, 1280)      dtype    mean of the regions (or OpenCLIP image vector)
     {split}_caps.txt         M lines                 captions (line breaks inside a caption -> spaces)
     {split}_ids.txt          M lines                 image id of each caption (ims rows: first-appearance order)
+    {split}_images.txt       N lines                 absolute path of the image file of each ims row (index/search
+                                                     thumbnails; folders from before it lack it)
     {split}_txt_tokens.npy   (M, Lmax, 384) dtype    MiniLM last_hidden_state, padded positions 0
     {split}_txt_lens.npy     (M,)           int32    token counts incl. [CLS]/[SEP]
     {split}_txt_global.npy   (M, 384)       dtype    masked mean of the tokens, L2-normalised (or OpenCLIP)
@@ -26,8 +28,11 @@ Robustness:
   killed during the swap is finished by the next run from the journal. A folder is complete exactly when
   ``meta.json`` is present and matches.
 - ``meta.json`` carries a content hash of the inputs (image file names, sizes, mtimes; caption text and
-  caption->image map), backbone identities (weight files' paths, sizes, mtimes), dtype and options. A re-run
-  with the same hash is a no-op; a different hash rebuilds.
+  caption->image map), backbone identities (sha256 of the weight files, cached by size + mtime + inode in
+  ``aahr_fast.utils.filehash``: the same weights in another virtualenv are the same backbone), dtype and
+  options. A re-run with the same hash is a no-op; a different hash rebuilds. A folder written when
+  backbones were identified by their weight files' paths counts as the same when those files, hashed now,
+  hold the same bytes.
 - A rebuild never replaces another dataset's features silently: when ``out_dir/meta.json`` records another
   dataset (absolute path, or the sources of in-memory splits) or other backbones (image / text / OpenCLIP
   names and files), or the folder holds feature files without ``meta.json`` (a SCAN precomp folder), the run
@@ -55,7 +60,7 @@ from aahr_fast.data.dataset import ImageTextSplit
 from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
 from aahr_fast.utils.io import atomic_save_json, atomic_write, atomic_write_path, fsync_dir
 
-__all__ = ["prepare", "main", "build_parser", "FORMAT", "WORK_DIR"]
+__all__ = ["prepare", "dataset_from_args", "main", "build_parser", "FORMAT", "WORK_DIR"]
 
 FORMAT = "aahr_fast.prepared/1"
 WORK_DIR = ".prepare_work"
@@ -70,17 +75,66 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 # inputs and fingerprint
 # ----------------------------------------------------------------------------------------------------------
 def _open_split(dataset_spec: Any, split: str) -> ImageTextSplit:
-    """One split from a spec: a mapping ``{split: ImageTextSplit}`` or anything ``open_dataset`` accepts."""
+    """One split from a spec: anything ``open_dataset`` accepts, or a mapping ``{split: value}`` whose
+    value is an ImageTextSplit, a spec, or a list of specs combined into one split (``open_sources``)."""
+    from aahr_fast.data.readers import open_dataset, open_sources
+
     if isinstance(dataset_spec, Mapping):
         if split not in dataset_spec:
             raise ConfigError(f"dataset has no split {split!r}; it has {sorted(dataset_spec)}")
         s = dataset_spec[split]
-        if not isinstance(s, ImageTextSplit):
-            raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected ImageTextSplit")
-        return s
-    from aahr_fast.data.readers import open_dataset
-
+        if isinstance(s, ImageTextSplit):
+            return s
+        if isinstance(s, (str, os.PathLike)) or (isinstance(s, (list, tuple)) and s
+                                                 and all(isinstance(x, (str, os.PathLike)) for x in s)):
+            return open_sources(s, split)
+        raise ConfigError(f"dataset split {split!r} is a {type(s).__name__}, expected an ImageTextSplit, a "
+                          f"dataset spec or a non-empty list of specs")
     return open_dataset(dataset_spec, split)
+
+
+def _and(names: Sequence[str]) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _check_disjoint(jobs: Sequence["_SplitJob"], dataset_spec: Any) -> None:
+    """Refuse splits that share images (by image file, else by image id).
+
+    One COCO ``captions_*.json`` (no split lists) opened as train, dev and test gives each of them the
+    same images: evaluation on it would score training images, silently.
+
+    Raises:
+        ConfigError: names the overlapping splits, how many images each pair shares, one example image,
+            and the ways out (``--split-source``, ``--splits``, ``--allow-split-overlap``).
+    """
+    keys = {}
+    for j in jobs:
+        s = j.split
+        keys[j.name] = ([os.path.abspath(p) for p in s.image_paths] if s.image_paths is not None
+                        else list(s.image_ids))
+    pairs, example, names = [], None, []
+    for a in range(len(jobs)):
+        seen = set(keys[jobs[a].name])
+        for b in range(a + 1, len(jobs)):
+            common = [k for k in keys[jobs[b].name] if k in seen]
+            if common:
+                pairs.append(f"{jobs[a].name} & {jobs[b].name}: {len(common)} of {len(seen)} / "
+                             f"{len(keys[jobs[b].name])} images")
+                example = example or common[0]
+                names += [n for n in (jobs[a].name, jobs[b].name) if n not in names]
+    if not pairs:
+        return
+    same = (f"every split was read from the same source {dataset_spec} (a COCO captions json has no split "
+            f"lists, so each split gets all of its images)" if not isinstance(dataset_spec, Mapping)
+            else "the splits' sources hold the same images")
+    raise ConfigError(
+        f"splits {_and(names)} share images ({'; '.join(pairs)}; e.g. {example}): {same}. Evaluating on "
+        f"training images gives meaningless recalls. Give each split its own source(s), e.g. "
+        f"`--split-source train=captions_train2017.json --split-source test=captions_val2017.json` "
+        f"(several files combine: `--split-source test=a.json,b.json`; prepare({{split: [specs]}}, ...)), "
+        f"or prepare one split with `--splits test`; pass --allow-split-overlap (allow_overlap=True) only "
+        f"when the overlap is intended. Nothing was written.")
 
 
 def _first_appearance_order(s: ImageTextSplit) -> ImageTextSplit:
@@ -108,11 +162,6 @@ def _clean_caption(text: str) -> str:
     return text
 
 
-def _stat_id(path: str | os.PathLike) -> list:
-    st = os.stat(path)
-    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
-
-
 def _image_fingerprint(split: ImageTextSplit) -> str:
     """sha256 over (image id, file path, size, mtime) of every image of the split."""
     if split.image_paths is None:
@@ -137,21 +186,75 @@ def _caption_fingerprint(captions: Sequence[str], caption_image: np.ndarray, ima
     return h.hexdigest()
 
 
-def _text_model_id(path: str) -> list:
-    files = []
-    for name in ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt"):
-        f = Path(path) / name
-        if f.is_file():
-            files.append(_stat_id(f))
+def _text_name(path: str) -> str:
+    """Name of a text backbone folder as ``meta.json`` records it (the parent's name for ``.../model``)."""
+    p = Path(path)
+    return p.name if p.name != "model" else p.parent.name
+
+
+_TEXT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt")
+
+
+def _text_files_digest(path: str) -> dict:
+    """{file name: sha256} of a text backbone folder's model files (the text backbone's content identity)."""
+    from aahr_fast.utils.filehash import file_digest
+
+    files = {n: file_digest(Path(path) / n) for n in _TEXT_FILES if (Path(path) / n).is_file()}
     if not files:
         raise ConfigError(f"text backbone folder {path} has no model files (config.json, weights, tokenizer)")
     return files
 
 
-def _text_name(path: str) -> str:
-    """Name of a text backbone folder as ``meta.json`` records it (the parent's name for ``.../model``)."""
-    p = Path(path)
-    return p.name if p.name != "model" else p.parent.name
+def _digest_or_none(path: Any) -> str | None:
+    """sha256 of a file recorded in an older ``meta.json``, or None when it is no longer readable here."""
+    from aahr_fast.utils.filehash import file_digest
+
+    try:
+        return file_digest(str(path)) if path is not None and Path(str(path)).is_file() else None
+    except OSError:
+        return None
+
+
+def _combine(files: Mapping[str, Any]) -> str | None:
+    if any(v is None for v in files.values()):
+        return None
+    return hashlib.sha256("".join(f"{k}:{files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+
+
+def _backbone_ids(backbones: Any) -> dict | None:
+    """Content identities of ``config["backbones"]`` of a ``meta.json``, new or old format.
+
+    New folders record sha256 digests of the weight files; older ones recorded ``[path, size, mtime]`` of
+    the files inside the virtualenv that wrote them: those files are hashed now when they still exist
+    (else the identity is None: unknown, never equal to a digest). Returns
+    ``{"image": sha256 | None, "text": sha256 over the folder's files | None, "clip": None | [model, id]}``,
+    or None when ``backbones`` is not a dict.
+    """
+    if not isinstance(backbones, Mapping):
+        return None
+    img = backbones.get("image") or {}
+    if img.get("sha256"):
+        image = img["sha256"]
+    else:
+        w = img.get("weights")
+        image = _digest_or_none(w[0] if isinstance(w, (list, tuple)) and w else w)
+    files = (backbones.get("text") or {}).get("files")
+    if isinstance(files, Mapping):
+        text = _combine(files)
+    elif isinstance(files, (list, tuple)) and files:
+        text = _combine({Path(str(f[0])).name: _digest_or_none(f[0]) for f in files
+                         if isinstance(f, (list, tuple)) and f})
+    else:
+        text = None
+    clip = backbones.get("clip")
+    if not isinstance(clip, Mapping):
+        clip_id = None
+    elif clip.get("sha256"):
+        clip_id = [clip.get("model"), clip["sha256"]]
+    else:
+        ck = clip.get("checkpoint")
+        clip_id = [clip.get("model"), _digest_or_none(ck[0]) if isinstance(ck, (list, tuple)) and ck else ck]
+    return {"image": image, "text": text, "clip": clip_id}
 
 
 def _default_image_weights() -> str:
@@ -400,7 +503,7 @@ def _swap_in(out: Path, work: Path, meta: dict) -> None:
 
 
 def _split_files(name: str) -> list[str]:
-    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt",
+    return [f"{name}_{s}" for s in ("ims.npy", "ims_global.npy", "caps.txt", "ids.txt", "images.txt",
                                      "txt_tokens.npy", "txt_lens.npy", "txt_global.npy", "txt_input_ids.npy")]
 
 
@@ -449,10 +552,19 @@ def _held_identity(meta: dict) -> dict:
         dataset = _path_label(dataset)  # folders written before the label was made absolute
     if meta.get("toy"):
         dataset = dataset or "toy features (aahr_fast.data.toy)"
-    return {"dataset": dataset, "sources": meta.get("sources"),
-            "image backbone": _backbone_label(ib.get("name"), ib.get("weights")),
-            "text backbone": _backbone_label(tb.get("name"), tb.get("path")),
-            "OpenCLIP": None if not isinstance(clip, dict) else _backbone_label(clip.get("model"), clip.get("checkpoint"))}
+    ident = {"dataset": dataset, "sources": meta.get("sources"),
+             "image backbone": _backbone_label(ib.get("name"), ib.get("weights")),
+             "text backbone": _backbone_label(tb.get("name"), tb.get("path")),
+             "OpenCLIP": None if not isinstance(clip, dict) else _backbone_label(clip.get("model"),
+                                                                                 clip.get("checkpoint"))}
+    ids = _backbone_ids((meta.get("config") or {}).get("backbones")) if isinstance(meta.get("config"), dict) else None
+    if ids is not None:
+        ident["ids"] = ids
+        for key, k in (("image backbone", "image"), ("text backbone", "text")):
+            if ident[key] is not None:
+                ident[key] += (f", sha256 {ids[k][:12]}" if ids[k] else
+                               ", weights no longer readable here, so their content cannot be compared")
+    return ident
 
 
 def _describe(ident: dict) -> str:
@@ -473,8 +585,32 @@ def _differences(held: dict, asked: dict) -> list[str]:
         common = set(held["sources"]) & set(asked["sources"])
         if any(held["sources"][k] != asked["sources"][k] for k in common):
             diffs.append("dataset")
-    diffs += [k for k in ("image backbone", "text backbone", "OpenCLIP") if held[k] != asked[k]]
+    if held.get("ids") is not None and asked.get("ids") is not None:  # by content (weight-file digests)
+        hi, ai = held["ids"], asked["ids"]
+        diffs += [key for key, k in (("image backbone", "image"), ("text backbone", "text"), ("OpenCLIP", "clip"))
+                  if hi[k] != ai[k] or (k != "clip" and hi[k] is None)]
+    else:  # a meta.json without backbone identities (e.g. toy features): by name and path
+        diffs += [k for k in ("image backbone", "text backbone", "OpenCLIP") if held[k] != asked[k]]
     return diffs
+
+
+def _same_inputs(old_meta: dict, content_hash: str, config: dict) -> bool:
+    """Whether an existing ``meta.json`` was made from the inputs of ``config`` (its content hash).
+
+    A folder written before backbones were identified by content recorded their files' paths: it counts
+    as the same when everything else in its config is equal and those files, hashed now, have the
+    contents of the backbones asked for (no re-extraction just because the venv moved or was rebuilt).
+    """
+    if old_meta.get("content_hash") == content_hash:
+        return True
+    old_cfg = old_meta.get("config")
+    if not isinstance(old_cfg, dict):
+        return False
+    rest = lambda c: {k: v for k, v in c.items() if k != "backbones"}  # noqa: E731
+    if rest(old_cfg) != rest(config):
+        return False
+    held, asked = _backbone_ids(old_cfg.get("backbones")), _backbone_ids(config["backbones"])
+    return held is not None and held == asked and None not in (held["image"], held["text"])
 
 
 def _refuse_foreign_folder(out: Path, asked: dict) -> None:
@@ -538,13 +674,16 @@ def prepare(
     clip_model: str = "ViT-B-32",
     force: bool = False,
     overwrite: bool = False,
+    allow_overlap: bool = False,
     progress: bool = True,
 ) -> dict:
     """Extract frozen features of ``splits`` of a dataset into the prepared folder ``out_dir``.
 
     Args:
         dataset_spec: what ``aahr_fast.data.readers.open_dataset(spec, split)`` accepts (e.g. a Flickr8k
-            folder), or a mapping ``{split: ImageTextSplit}``. Splits need raw image files.
+            folder), or a mapping ``{split: value}``, the value an ImageTextSplit, a spec, or a list of specs
+            combined into that split (``{"test": ["a.json", "b.json"]}``; see
+            :func:`aahr_fast.data.readers.open_sources`). Splits need raw image files.
         out_dir: output folder (created). Files: see the module docstring / docs/DESIGN.md.
         splits: split names to extract.
         batch_size: images per backbone forward. ``text_batch_size``: captions per forward.
@@ -563,6 +702,8 @@ def prepare(
             names and files), an unreadable ``meta.json``, or feature files without ``meta.json``. Without
             it such a folder is refused before anything is written. A rebuild of the same dataset with
             the same backbones (changed images, captions, dtype, splits) needs no flag.
+        allow_overlap: allow splits that share images (by image file). Without it such splits (e.g. one
+            COCO captions json read as train, dev and test) are refused before anything is written.
         device: torch device for the backbones (default: ``"cuda"`` when available, else ``"cpu"``); the
             features are computed in float32 on any device.
         progress: show tqdm bars.
@@ -570,7 +711,8 @@ def prepare(
         The ``meta.json`` content (dict). ``meta["noop"]`` is True when nothing had to be done.
     Raises:
         DataError: bad dataset (missing / corrupt image named, bad captions), unreadable work shards.
-        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split; ``out_dir`` holding
+        ConfigError: unknown dtype, bad sizes, missing backbone files, unknown split; splits sharing images
+            without ``allow_overlap`` (names the splits, the overlap counts and the fix); ``out_dir`` holding
             features of another dataset / other backbones without ``overwrite`` (names both and the way on).
     """
     t_start = time.perf_counter()
@@ -602,6 +744,8 @@ def prepare(
             "num_images": s.num_images, "num_captions": s.num_captions,
             "images": _image_fingerprint(s),
             "captions": _caption_fingerprint(caps, s.caption_image, s.image_ids)}))
+    if not allow_overlap:
+        _check_disjoint(jobs, dataset_spec)
 
     img_weights = getattr(image_backbone, "weights_path", None) or (
         str(image_backbone) if image_backbone is not None else _default_image_weights())
@@ -609,11 +753,16 @@ def prepare(
         str(text_backbone) if text_backbone is not None else _default_text_model())
     if not Path(img_weights).is_file():
         raise ConfigError(f"image backbone weights file {img_weights} does not exist")
+    from aahr_fast.utils.filehash import file_digest
+
+    # backbones are identified by the bytes of their weight files (cached by size + mtime + inode), not by
+    # their path: another virtualenv holding the same weights is the same backbone
     backbones = {
-        "image": {"name": "efficientnet-lite0", "weights": _stat_id(img_weights)},
-        "text": {"name": Path(txt_path).name, "files": _text_model_id(txt_path)},
-        "clip": None if clip_checkpoint is None else {"model": clip_model, "checkpoint": _stat_id(clip_checkpoint)
-                                                      if Path(clip_checkpoint).is_file() else str(clip_checkpoint)},
+        "image": {"name": "efficientnet-lite0", "sha256": file_digest(img_weights)},
+        "text": {"name": _text_name(txt_path), "files": _text_files_digest(txt_path)},
+        "clip": None if clip_checkpoint is None else (
+            {"model": clip_model, "sha256": file_digest(clip_checkpoint)} if Path(clip_checkpoint).is_file()
+            else {"model": clip_model, "checkpoint": str(clip_checkpoint)}),
     }
     config = {"format": FORMAT, "splits": {j.name: j.fingerprint for j in jobs}, "backbones": backbones,
               "dtype": dtype, "num_images": num_images}
@@ -625,7 +774,7 @@ def prepare(
             old = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("content_hash") == content_hash and all(
+        if _same_inputs(old, content_hash, config) and all(
                 (out / f).is_file() and (out / f).stat().st_size == sz for f, sz in old.get("files", {}).items()):
             print(f"prepare: {out} is up to date (content hash {content_hash[:12]}); nothing to do "
                   f"({time.perf_counter() - t_start:.2f} s)")
@@ -633,10 +782,12 @@ def prepare(
             return old
     if not overwrite:
         clip_label = None if clip_checkpoint is None else _backbone_label(clip_model, str(clip_checkpoint))
+        ids = _backbone_ids(backbones)
         _refuse_foreign_folder(out, {
             "dataset": _dataset_label(dataset_spec), "sources": {j.name: j.split.source for j in jobs},
-            "image backbone": _backbone_label("efficientnet-lite0", img_weights),
-            "text backbone": _backbone_label(_text_name(txt_path), txt_path), "OpenCLIP": clip_label})
+            "image backbone": _backbone_label("efficientnet-lite0", img_weights) + f", sha256 {ids['image'][:12]}",
+            "text backbone": _backbone_label(_text_name(txt_path), txt_path) + f", sha256 {ids['text'][:12]}",
+            "OpenCLIP": clip_label, "ids": ids})
     with _exclusive(out):
         # The existing folder (complete or not) is left alone until everything new is staged: see _swap_in.
         work_key = _hash({"content": content_hash, "shard_images": shard_images, "shard_captions": shard_captions})
@@ -717,6 +868,8 @@ def prepare(
                     np.save(fh, input_ids, allow_pickle=False)
                 _write_lines(p("caps.txt"), job.captions)
                 _write_lines(p("ids.txt"), (s.image_ids[i] for i in s.caption_image))
+                # the image file of each image row, so that index / search can show the images
+                _write_lines(p("images.txt"), (os.path.abspath(f) for f in s.image_paths))
                 st = {"images": n, "captions": m, "num_images": n, "num_captions": m, "max_len": int(lmax),
                       "region_shape": [ib.num_regions, ib.region_dim], "image_global_dim": int(g_img),
                       "token_dim": int(tb.dim), "text_global_dim": int(g_txt),
@@ -744,12 +897,14 @@ def prepare(
             "dtype": dtype,
             "num_images_option": num_images,
             "image_backbone": {"name": "efficientnet-lite0", "weights": img_weights,
+                               "sha256": backbones["image"]["sha256"],
                                "num_regions": first["region_shape"][0], "region_dim": first["region_shape"][1],
                                "regions": "7x7 grid of extract_features, row-major",
                                "global": "open_clip image vector" if clip_checkpoint else "mean of regions",
                                "global_dim": first["image_global_dim"],
                                "preprocess": "RGB, bicubic resize to 224, (x/255-0.498)/0.502"},
             "text_backbone": {"name": _text_name(txt_path), "path": txt_path, "token_dim": first["token_dim"],
+                              "files_sha256": backbones["text"]["files"],
                               "global": "open_clip text vector" if clip_checkpoint else
                               "mean of last_hidden_state over valid tokens, L2-normalised",
                               "global_dim": first["text_global_dim"], "pad_id": 0,
@@ -790,9 +945,22 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Raw images + captions -> a prepared (precomp-layout) feature folder "
                                              "(frozen EfficientNet-Lite0 regions, MiniLM tokens; see docs/DESIGN.md).",
                                  formatter_class=_DefaultsOnceFormatter)
-    ap.add_argument("dataset", help="dataset spec for aahr_fast.data.readers.open_dataset (e.g. a Flickr8k folder)")
+    ap.add_argument("dataset", nargs="?", default=None,
+                    help="dataset spec for aahr_fast.data.readers.open_dataset (a Flickr8k folder, a Karpathy "
+                         "dataset_*.json, a COCO captions_*.json, 'synthetic'); every split without a "
+                         "--split-source is read from it. Optional when --split-source names every split")
     ap.add_argument("out_dir", help="output feature folder")
-    ap.add_argument("--splits", default="train,dev,test", help="comma-separated split names")
+    ap.add_argument("--splits", default=None,
+                    help="comma-separated split names (default: train,dev,test; with --split-source and no "
+                         "DATASET: the splits --split-source names)")
+    ap.add_argument("--split-source", action="append", default=[], metavar="SPLIT=SRC[,SRC...]",
+                    help="read SPLIT from these sources instead of DATASET; several comma-separated sources "
+                         "(COCO jsons, Flickr8k folders, ...) are combined into one split, each opened with "
+                         "the split name SPLIT. Repeat per split, e.g. --split-source "
+                         "train=captions_train2017.json --split-source test=captions_val2017.json")
+    ap.add_argument("--allow-split-overlap", action="store_true",
+                    help="allow splits that share images (refused by default: e.g. one COCO json read as "
+                         "train, dev and test gives all three the same images)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per forward")
     ap.add_argument("--text-batch-size", type=int, default=128, help="captions per forward")
     ap.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype of the features")
@@ -814,17 +982,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def dataset_from_args(dataset: str | None, splits: str | None, split_sources: Sequence[str]) -> tuple[Any, list[str]]:
+    """The ``prepare`` dataset spec and split list of the command line.
+
+    Args:
+        dataset: the DATASET positional (None when omitted). splits: ``--splits`` (None when omitted).
+        split_sources: the ``--split-source SPLIT=SRC[,SRC...]`` values, in order.
+    Returns:
+        ``(spec, splits)``: ``dataset`` itself when no ``--split-source`` is given, else a mapping
+        ``{split: [sources]}`` (splits without ``--split-source`` map to ``dataset``).
+    Raises:
+        ConfigError: a malformed ``--split-source`` (no ``=``, empty split or source), a split given twice,
+            a ``--split-source`` for a split not in ``--splits``, or a split with no source at all.
+    """
+    per: dict[str, list[str]] = {}
+    for item in split_sources:
+        name, eq, srcs = item.partition("=")
+        name = name.strip()
+        parts = [x.strip() for x in srcs.split(",")]
+        if not eq or not name or not parts or any(not x for x in parts):
+            raise ConfigError(f"--split-source {item!r}: expected SPLIT=SOURCE[,SOURCE...], e.g. "
+                              f"test=captions_val2017.json or train=a.json,b.json")
+        if name in per:
+            raise ConfigError(f"--split-source names split {name!r} twice; list all its sources in one "
+                              f"argument: {name}={','.join(per[name] + parts)}")
+        per[name] = parts
+    if splits is not None:
+        names = [x for x in splits.split(",") if x]
+    elif per and dataset is None:
+        names = list(per)
+    else:
+        names = ["train", "dev", "test"]
+    stray = [n for n in per if n not in names]
+    if stray:
+        raise ConfigError(f"--split-source names split(s) {stray} that --splits {','.join(names)} does not list")
+    missing = [n for n in names if n not in per and dataset is None]
+    if missing:
+        raise ConfigError(f"split(s) {missing} have no source: give a DATASET argument or "
+                          f"--split-source {missing[0]}=SOURCE[,SOURCE...]")
+    if not per:
+        return dataset, names
+    return {n: per.get(n, dataset) for n in names}, names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m aahr_fast.prepare DATASET OUT_DIR [options]``; returns the exit status."""
     ap = build_parser()
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # DATASET is optional: positionals may come after options
     try:
-        prepare(a.dataset, a.out_dir, splits=[s for s in a.splits.split(",") if s], batch_size=a.batch_size,
+        spec, splits = dataset_from_args(a.dataset, a.splits, a.split_source)
+        prepare(spec, a.out_dir, splits=splits, batch_size=a.batch_size,
                 dtype=a.dtype, num_images=a.num_images, text_backbone=a.text_backbone,
                 image_backbone=a.image_weights, text_batch_size=a.text_batch_size, shard_images=a.shard_images,
                 shard_captions=a.shard_captions, threads=a.threads, decode_workers=a.decode_workers, device=a.device,
                 clip_checkpoint=a.clip_checkpoint, clip_model=a.clip_model, force=a.force, overwrite=a.overwrite,
-                progress=not a.no_progress)
+                allow_overlap=a.allow_split_overlap, progress=not a.no_progress)
     except AAHRError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -134,7 +134,7 @@ def load_model(checkpoint: str | os.PathLike, *, which: str = "best",
     if which not in ("best", "last"):
         raise ConfigError(f"which must be 'best' or 'last', got {which!r}")
     ref = resolve_checkpoint(checkpoint, prefer=which)
-    meta = read_weights_meta(ref.weights)
+    meta = read_weights_meta(ref.weights, given=ref.given)
     cfg = config_from_dict(meta["config"])
     dev = select_device(device)
     model = build_model(cfg.model, dict(meta["dims"])).to(dev)

@@ -20,7 +20,8 @@ folder on this machine its ``meta.json`` must name the same backbones and dims (
 
 Output: one line per result (rank, score, image id, caption(s)) on stdout; ``--json`` writes them;
 ``--html`` writes a self-contained page (thumbnails embedded as base64 JPEG made with PIL; image files
-from the index's ``items.json`` or ``--image-dir/<image id>``). Files are written atomically.
+from the index's ``items.json``, recorded by ``prepare`` in ``{split}_images.txt``, or ``--image-dir/<image id>``;
+results with no image file are named in a note on stderr with the flag that fixes it). Files are written atomically.
 Exit status: 0 ok, 2 for configuration / data / checkpoint errors (one-line message).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 
 from aahr_fast.utils.errors import AAHRError, ConfigError, DataError
 
-__all__ = ["search", "render_html", "format_results", "build_parser", "main"]
+__all__ = ["search", "render_html", "missing_images_note", "format_results", "build_parser", "main"]
 
 
 def search(index_dir: str | os.PathLike, *, text: str | None = None, image: str | os.PathLike | None = None,
@@ -117,21 +118,50 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _thumb(path: str | None, image_dir: str | os.PathLike | None, image_id: str, size: int) -> str | None:
-    from aahr_fast.retrieval import thumbnail_data_uri
-
+def _image_file(path: str | None, image_dir: str | os.PathLike | None, image_id: str) -> Path | None:
+    """The image file shown for a result: ``image_dir/<image id>`` first, else the index's path; None if neither exists."""
     cands = []
     if image_dir is not None:
         cands.append(Path(image_dir) / image_id)
     if path:
         cands.append(Path(path))
-    for c in cands:
-        if c.is_file():
-            try:
-                return thumbnail_data_uri(c, size)
-            except DataError:
-                return None
-    return None
+    return next((c for c in cands if c.is_file()), None)
+
+
+def _thumb(path: str | None, image_dir: str | os.PathLike | None, image_id: str, size: int) -> str | None:
+    from aahr_fast.retrieval import thumbnail_data_uri
+
+    found = _image_file(path, image_dir, image_id)
+    if found is None:
+        return None
+    try:
+        return thumbnail_data_uri(found, size)
+    except DataError:
+        return None
+
+
+def missing_images_note(result: dict, image_dir: str | os.PathLike | None = None) -> str | None:
+    """One line for stderr when ``render_html`` will show "(no image file)" for some results, else None.
+
+    Says whether the index records no image files at all (an index built from a folder prepared before
+    ``{split}_images.txt`` existed, or a feature-only source) or records files that are gone, and names
+    the flag that fixes it (``--image-dir FOLDER`` holding the gallery images named by image id).
+    """
+    rows = result.get("results") or []
+    missing = [r for r in rows if _image_file(r.get("image_path"), image_dir, r["image_id"]) is None]
+    if not missing:
+        return None
+    recorded = [r for r in missing if r.get("image_path")]
+    where = f" nor in --image-dir {image_dir}" if image_dir is not None else ""
+    if not recorded:
+        what = (f"the index {result.get('index')} records no image files for these images{where} (its prepared "
+                f"folder has no <split>_images.txt and its dataset cannot be re-read)")
+    else:
+        what = (f"{len(recorded)} image files the index records no longer exist{where} "
+                f"(e.g. {recorded[0]['image_path']})")
+    return (f"note: {len(missing)} of {len(rows)} results have no image file, shown as '(no image file)': "
+            f"{what}. Pass --image-dir FOLDER (the gallery images, named by image id, e.g. "
+            f"{missing[0]['image_id']}), or rebuild the index from a folder prepared by this version.")
 
 
 def render_html(result: dict, path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None,
@@ -196,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="image file query: returns captions (needs a caption gallery)")
     p.add_argument("--k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--html", metavar="FILE.html", help="write a self-contained HTML page with thumbnails")
-    p.add_argument("--image-dir", default=None, help="folder holding gallery images by id (for --html thumbnails)")
+    p.add_argument("--image-dir", default=None,
+                   help="folder holding gallery images by id (for --html thumbnails; default: the image files the "
+                        "index records, from the prepared folder's <split>_images.txt or its dataset)")
     p.add_argument("--json", metavar="FILE.json", help="write the results as JSON")
     p.add_argument("--which", choices=("best", "last"), default="best", help="pointer used for a run folder")
     p.add_argument("--nprobe", type=int, default=None, help="ivf index: cells probed")
@@ -222,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.html:
             n = render_html(res, args.html, image_dir=args.image_dir)
             print(f"wrote {args.html} ({n} results)", file=sys.stderr, flush=True)
+            note = missing_images_note(res, args.image_dir)
+            if note:
+                print(note, file=sys.stderr, flush=True)
         if args.json:
             from aahr_fast.utils.io import atomic_save_json
 

@@ -35,7 +35,8 @@ Multi-process (``docs/DISTRIBUTED.md``)::
 prepares the data, logs, writes every file and evaluates (``aahr_fast/distributed.py``).
 
 Exit status: 0 on success, 2 for configuration / data / checkpoint errors (a one-line message),
-3 when the non-finite-loss guard stopped training, 130 on Ctrl-C.
+3 when the non-finite-loss guard or the collapse guard (``run.collapse_patience``) stopped training,
+130 on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -236,14 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("[train] interrupted; resume with --resume --out <run folder>")
         return 130
     except AAHRError as err:
-        from aahr_fast.engine import NonFiniteLossError
+        from aahr_fast.engine import NonFiniteLossError, TrainingCollapseError
 
         from aahr_fast.utils.validate import error_message
 
         if dctx is not None and not rank0:   # every rank reports its own error
             print(f"error (rank {dctx.rank}): {error_message(err)}", file=sys.stderr, flush=True)
         log(f"error: {error_message(err)}")
-        return 3 if isinstance(err, NonFiniteLossError) else 2
+        return 3 if isinstance(err, (NonFiniteLossError, TrainingCollapseError)) else 2
     finally:
         if dctx is not None:   # destroy_process_group, also after an error
             from aahr_fast.distributed import shutdown

@@ -450,4 +450,4 @@ def _aot_exercise(dtype: torch.dtype) -> None:
 
 from aahr_fast.ops import _triton_glue as _glue  # noqa: E402  (registers the "triton" backend)
 
-_glue.register_family("cross_similarity")
+_glue.register_family("cross_similarity", __name__)

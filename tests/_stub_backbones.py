@@ -39,3 +39,24 @@ def stub_text_backbone(model_path: str | Path | None = None, dim: int = 8, vocab
             return tok, torch.nn.functional.normalize(tok.sum(1), dim=-1)
 
     return Stub()
+
+
+def stub_image_backbone(weights: str | Path, image_size: int = 32):
+    """A stand-in for the EfficientNet-Lite0 image backbone whose identity is ``weights`` (any existing
+    file): a 2x2 grid of mean colours through a 3->6 linear map, so regions are (B, 4, 6) and the global
+    vector their mean (B, 6). Runs in milliseconds."""
+    from aahr_fast.backbones import ImageBackbone
+
+    class StubImage(ImageBackbone):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.weights_path, self.image_size, self.grid, self.num_regions, self.region_dim = \
+                str(weights), image_size, 2, 4, 6
+            self.lin = torch.nn.Linear(3, 6)
+
+        def forward(self, x):
+            cells = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # (B, 4, 3)
+            regions = self.lin(cells)
+            return regions, regions.mean(1)
+
+    return StubImage()

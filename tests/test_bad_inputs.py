@@ -502,7 +502,8 @@ def _(w):
     return lambda: resolve_checkpoint(w.tmp / "empty_run")
 
 
-@case("files/checkpoint-truncated", CheckpointError, "{tmp}/run/" + WEIGHTS, "unreadable safetensors checkpoint")
+@case("files/checkpoint-truncated", CheckpointError, "checkpoint {tmp}/run: its weights file {tmp}/run/" + WEIGHTS,
+      "truncated", "bytes")
 def _(w):
     from aahr_fast.retrieval import load_model
 
@@ -519,6 +520,25 @@ def _(w):
     d = w.copy("run")
     _edit_json(d / "best.json", lambda r: r.update(weights="checkpoints/e009-s00000009.safetensors"))
     return lambda: load_model(d)
+
+
+@case("files/checkpoint-pt-with-truncated-safetensors", CheckpointError,
+      "checkpoint {tmp}/run/checkpoints/e001-s00000001.pt: its weights file {tmp}/run/" + WEIGHTS, "truncated",
+      "missing")
+def _(w):
+    from aahr_fast.retrieval import load_model
+
+    d = w.copy("run")
+    _truncate(d / WEIGHTS, 0.7)
+    return lambda: load_model(d / "checkpoints" / "e001-s00000001.pt")
+
+
+@case("files/checkpoint-safetensors-empty", CheckpointError, "{tmp}/w.safetensors", "empty: 0 bytes")
+def _(w):
+    from aahr_fast.retrieval import load_model
+
+    (w.tmp / "w.safetensors").write_bytes(b"")
+    return lambda: load_model(w.tmp / "w.safetensors")
 
 
 @case("files/checkpoint-foreign-safetensors", CheckpointError, "{tmp}/w.safetensors", "not an aahr_fast checkpoint")
@@ -876,6 +896,40 @@ def _(w):
     w.guard(w.tmp / "out")
     _truncate(ds / "images" / "im1.jpg")  # then one image is damaged and prepare is re-run
     return _prepare(w, ds, w.tmp / "out")
+
+
+def _coco(path: Path, ids: list[int]) -> Path:
+    """A COCO ``captions_*.json`` with images ``ids`` (random JPEGs ``<id>.jpg`` beside it), 2 captions each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        _jpeg(path.parent / f"{i}.jpg", i)
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in ids],
+            "annotations": [{"id": 10 * i + j, "image_id": i, "caption": f"a photo {i} take {j}"}
+                            for i in ids for j in range(2)]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+@case("prepare/splits-share-images", ConfigError, "splits train, dev and test share images",
+      "train & test: 2 of 2 / 2 images", "{tmp}/coco/captions_val2017.json", "--split-source", "Nothing was written",
+      keep=_no_meta("out"))
+def _(w):
+    from aahr_fast.prepare import prepare
+
+    js = _coco(w.tmp / "coco" / "captions_val2017.json", [1, 2])
+    return lambda: prepare(str(js), w.tmp / "out", image_backbone=w.image_backbone, text_backbone=stub_text_backbone(),
+                           threads=1, progress=False)
+
+
+@case("prepare/split-sources-share-an-image", DataError, "split 'test'", "{tmp}/b/captions_b.json",
+      "{tmp}/a/captions_a.json", "both hold image id '2'", keep=_no_meta("out"))
+def _(w):
+    from aahr_fast.prepare import prepare
+
+    a, b = _coco(w.tmp / "a" / "captions_a.json", [1, 2]), _coco(w.tmp / "b" / "captions_b.json", [2, 3])
+    return lambda: prepare({"test": [str(a), str(b)]}, w.tmp / "out", splits=("test",),
+                           image_backbone=w.image_backbone, text_backbone=stub_text_backbone(), threads=1,
+                           progress=False)
 
 
 # ====================================================================================================
@@ -1735,6 +1789,15 @@ def _(w):
     return ["--checkpoint", str(w.run), "--data", str(w.toy), "--split", "test", "--eccv"]
 
 
+@cli_case("cli/evaluate-pt-with-truncated-safetensors", "evaluate",
+          "checkpoint {tmp}/run/checkpoints/e001-s00000001.pt: its weights file {tmp}/run/" + WEIGHTS,
+          "truncated", proc=True)
+def _(w):
+    d = w.copy("run")
+    _truncate(d / WEIGHTS, 0.7)
+    return ["--checkpoint", str(d / "checkpoints" / "e001-s00000001.pt"), "--data", str(w.toy)]
+
+
 @cli_case("cli/evaluate-missing-checkpoint", "evaluate", "checkpoint {tmp}/nope does not exist")
 def _(w):
     return ["--checkpoint", str(w.tmp / "nope")]
@@ -1820,6 +1883,19 @@ def _(w):
 def _(w):
     ds = _flickr(w.tmp / "ds", 2, captions=[("im0.jpg", "a dog"), ("im0.jpg", "a brown dog"), ("im1.jpg", "  ")])
     return [str(ds), str(w.tmp / "out"), "--splits", "test"]
+
+
+@cli_case("cli/prepare-one-coco-json-as-three-splits", "prepare", "splits train, dev and test share images",
+          "dev & test: 2 of 2 / 2 images", "--split-source train=", proc=True, keep=_no_meta("out"))
+def _(w):
+    js = _coco(w.tmp / "coco" / "captions_val2017.json", [5, 6])
+    return [str(js), str(w.tmp / "out"), "--threads", "1", "--no-progress"]
+
+
+@cli_case("cli/prepare-split-source-malformed", "prepare", "--split-source 'test:a.json'",
+          "expected SPLIT=SOURCE[,SOURCE...]", keep=_no_meta("out"))
+def _(w):
+    return [str(w.tmp / "out"), "--split-source", "test:a.json"]
 
 
 @cli_case("cli/index-checkpoint-on-other-dims", "index", "{run}/" + WEIGHTS, "region_dim: checkpoint 64 != data 40",

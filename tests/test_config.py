@@ -151,14 +151,24 @@ def test_paper_config_values(name):
     assert cfg.schedule.epochs == 40 and cfg.schedule.decay_epochs == [15, 25]
 
 
+@pytest.fixture(scope="module")
+def tiny_bert_768(tmp_path_factory):
+    """A 1-layer random BERT with bert-base's hidden size 768 (bert-base itself is not available offline)."""
+    from _tiny_bert import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("bert768"), hidden=768, heads=12, intermediate=256)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_config_builds_and_steps_at_true_shapes(name):
-    """BUTD 36x2048 regions, bert-base 768 tokens, CLIP 512 globals, width 1024 / 16 heads; a tiny
-    batch, a step past every warm-up, backward and one (SGD, cheap at 150 M parameters) optimiser step."""
+def test_paper_config_builds_and_steps_at_true_shapes(name, tiny_bert_768):
+    """BUTD 36x2048 regions, fine-tuned BERT with hidden 768 on word ids (the authors' recipe; a tiny random
+    1-layer BERT stands in for bert-base), CLIP 512 globals, width 1024 / 16 heads; a tiny batch, a step
+    past every warm-up, backward and one (SGD, cheap at 150 M parameters) optimiser step."""
     from aahr_fast.models import build_model
 
     torch.set_num_threads(2)
-    cfg = load_config(name)
+    cfg = load_config(name, [f"model.text_backbone_path={tiny_bert_768}"])
+    assert cfg.model.text_mode == "finetune" and cfg.run.amp == "none"
     dims = {"region_dim": 2048, "img_global_dim": 512, "token_dim": 768, "txt_global_dim": 512}
     model = build_model(cfg.model, dims)
     model.resolve_schedule(100, 1000)
@@ -168,7 +178,7 @@ def test_paper_config_builds_and_steps_at_true_shapes(name):
     batch = {
         "regions": torch.randn(b, n, 2048, generator=g), "region_lens": torch.tensor([36, 30, 36, 25]),
         "img_global": torch.randn(b, 512, generator=g),
-        "tokens": torch.randn(b, length, 768, generator=g), "token_lens": torch.tensor([9, 7, 5, 9]),
+        "input_ids": torch.randint(5, 32, (b, length), generator=g), "token_lens": torch.tensor([9, 7, 5, 9]),
         "txt_global": torch.randn(b, 512, generator=g),
         "img_index": torch.arange(b), "cap_index": torch.arange(b),
     }
@@ -179,6 +189,10 @@ def test_paper_config_builds_and_steps_at_true_shapes(name):
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads)
+    assert model.txt_enc.backbone.hidden_size == 768
+    assert model.txt_enc.backbone.bert.embeddings.word_embeddings.weight.grad is not None   # fine-tuned
+    groups = {grp["name"]: grp["lr"] for grp in model.param_groups(cfg.optim.lr, cfg.model.backbone_lr_mult)}
+    assert groups == {"main": 5e-4, "backbone": pytest.approx(5e-5)}
     opt.step()
     model.on_after_optimizer_step()
     model.eval()

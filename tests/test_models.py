@@ -420,7 +420,7 @@ def test_finetuned_text_backbone_param_groups():
     del batch["tokens"]
     out = model.training_step(batch, 0, torch.Generator())
     out["loss"].backward()
-    emb = model.txt_enc.backbone.model.embeddings.word_embeddings.weight
+    emb = model.txt_enc.backbone.bert.embeddings.word_embeddings.weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     base = build_model(tiny_cfg(arch="vse", text_mode="finetune"), DIMS)
     assert {g["name"] for g in base.param_groups(1e-3, 0.5)} == {"main", "backbone"}

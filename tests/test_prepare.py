@@ -25,7 +25,7 @@ N_IMG = 10  # per split: 20 real images in all
 OPTS = dict(num_images=N_IMG, shard_images=4, shard_captions=16, batch_size=3, text_batch_size=7, threads=1,
             progress=False)
 ARRAYS = ("ims", "ims_global", "txt_tokens", "txt_lens", "txt_global", "txt_input_ids")
-TEXTS = ("caps", "ids")
+TEXTS = ("caps", "ids", "images")
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_SPLITS = {"train": 120, "dev": 30, "test": 30}   # 600 captions / 32 = 18 iterations per epoch
 STEPS_PER_EPOCH = 600 // 32
 CONFIG = {
+    "data": {"word_mask_prob": 0.2},   # word masking (issue 15): per-item draws keep resume exact
     "model": {"embed_dim": 32, "frag_heads": 2, "graph_heads": 2, "pool_heads": 2, "frag_ff_dim": 32,
               "graph_ff_dim": 32, "num_prototypes": 8, "queue_size": 64, "proto_start": 5,
               "graph_start": 8, "ops_backend": "reference"},

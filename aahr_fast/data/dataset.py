@@ -15,7 +15,7 @@ import numpy as np
 
 from aahr_fast.utils.errors import DataError
 
-__all__ = ["ImageTextSplit", "is_blank_caption"]
+__all__ = ["ImageTextSplit", "is_blank_caption", "concat_splits"]
 
 
 def is_blank_caption(text: str) -> bool:
@@ -169,3 +169,40 @@ class ImageTextSplit:
         cids = None if caption_id_groups is None else [c for g in caption_id_groups for c in g]
         return cls(name, source, list(image_ids), None if image_paths is None else list(image_paths),
                    captions, caption_image, cids)
+
+
+def concat_splits(name: str, parts: Sequence[ImageTextSplit]) -> ImageTextSplit:
+    """One split made of several (e.g. ``captions_train2014.json`` + ``captions_val2014.json`` as ``train``).
+
+    Images keep their order, part after part; each part's captions follow, pointing at their image in
+    the combined list. ``source`` is the parts' sources joined by ``" + "``; ``image_paths`` and
+    ``caption_ids`` are kept when every part has them (else None).
+
+    Args:
+        name: the combined split's name. parts: one or more splits.
+    Returns:
+        the combined :class:`ImageTextSplit` (``parts[0]`` itself, renamed, when there is one part).
+    Raises:
+        DataError: no parts, or an image id found in two parts (names both sources, the id and how many
+            ids are shared): the same image twice in one split would be a false negative of itself.
+    """
+    if not parts:
+        raise DataError(f"split {name!r}: no sources to combine")
+    seen: dict[str, str] = {}
+    for part in parts:
+        shared = [i for i in part.image_ids if i in seen]
+        if shared:
+            other = seen[shared[0]]
+            raise DataError(f"split {name!r}: {part.source} and {other} both hold image id {shared[0]!r} "
+                            f"({len(shared)} shared image ids); a split must list each image once: "
+                            f"give the same source once, or sources with disjoint images")
+        seen.update((i, part.source) for i in part.image_ids)
+    offsets = np.cumsum([0] + [p.num_images for p in parts[:-1]])
+    paths = None if any(p.image_paths is None for p in parts) else [x for p in parts for x in p.image_paths]
+    cap_ids = None if any(p.caption_ids is None for p in parts) else [x for p in parts for x in p.caption_ids]
+    return ImageTextSplit(
+        name=name, source=" + ".join(p.source for p in parts),
+        image_ids=[i for p in parts for i in p.image_ids], image_paths=paths,
+        captions=[c for p in parts for c in p.captions],
+        caption_image=np.concatenate([p.caption_image + off for p, off in zip(parts, offsets)]),
+        caption_ids=cap_ids)

@@ -55,6 +55,8 @@ __all__ = [
     "collate_texts",
     "collate_batch",
     "EXTRA_FILES",
+    "WordMasking",
+    "word_masking_for_tokenizer",
 ]
 
 #: field name -> file suffix of our additions to the SCAN layout.
@@ -359,6 +361,155 @@ def _drop_tokens(n: int, p: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(([0], inner, [n - 1]))
 
 
+#: Word-masking outcome codes (:meth:`WordMasking.draw`).
+KEEP, MASK, RANDOM, DELETE = 0, 1, 2, 3
+
+
+class WordMasking:
+    """Training-time word masking of captions (the authors' ``process_caption_bert``, GPO lineage).
+
+    Each word between ``[CLS]`` and ``[SEP]`` is selected with probability ``prob`` (authors: 0.2); a
+    selected word is replaced by ``[MASK]`` with probability ``split[0]`` (0.5), by random tokens with
+    ``split[1]`` (0.1) and deleted with ``split[2]`` (0.4). The draw is the authors' one: one uniform ``u``
+    per word, selected when ``u < prob``, then ``u / prob`` picks the outcome. ``[CLS]`` / ``[SEP]`` (first
+    and last position) are never touched; like the authors', every word of a caption may be deleted
+    (leaving ``[CLS] [SEP]``, length 2). Random numbers come from the caller's per-item generator
+    (derived from (seed, epoch, caption index)), so masking is reproducible and resume stays exact.
+
+    Units:
+    * ids (``text_mode: finetune``, :meth:`apply_ids`): **whole words**, as the authors do: a word is a
+      first WordPiece and the ``##`` continuation pieces after it (``continuation``, from the tokenizer's
+      vocabulary; the same words as the authors' basic tokenizer then WordPiece). [MASK] replaces every
+      piece of the word by ``mask_id``; random replaces each piece by an id uniform over
+      ``[0, vocab_size)`` (the authors draw over ``len(tokenizer.vocab)``); delete removes the pieces.
+    * frozen token features (``text_mode: frozen``, :meth:`apply_features`): **WordPiece tokens**, one
+      unit per row (the feature folder has no word boundaries in general). The cheapest faithful
+      equivalent of each outcome on precomputed contextual features:
+      - delete: the row is removed and the length shrinks (exactly what deletion does to the sequence);
+      - [MASK]: the row becomes the zero vector. The text projection maps it to a constant that is
+        learned (its bias, plus the MLP's response to 0), i.e. a learned mask embedding in the joint
+        space, which is what BERT's learned [MASK] input embedding amounts to once the context is fixed;
+      - random: the row is the frozen feature of a random inner token of a random caption of the split
+        (a real token in a real context, drawn by corpus frequency where the authors draw uniformly
+        over the vocabulary).
+      Unlike fine-tuned BERT, the neighbours' frozen features were computed with the original word in
+      context, so some information about a masked/deleted word leaks through them (a documented limit).
+
+    Args:
+        prob: selection probability per word, in [0, 1); 0 disables masking.
+        split: (mask, random, delete) fractions, non-negative, summing to 1.
+        mask_id: the tokenizer's [MASK] id (ids path). vocab_size: ids for random replacement (ids path).
+        continuation: (vocab_size,) bool, True for ``##`` pieces; None = every token is a word.
+    Raises:
+        ValueError: ``prob`` outside [0, 1), a split that is not three non-negative numbers summing to 1.
+    """
+
+    def __init__(self, prob: float, split: Sequence[float] = (0.5, 0.1, 0.4), *, mask_id: int | None = None,
+                 vocab_size: int | None = None, continuation: np.ndarray | None = None) -> None:
+        if not 0.0 <= float(prob) < 1.0:
+            raise ValueError(f"WordMasking: prob must be in [0, 1), got {prob}")
+        split = [float(x) for x in split]
+        if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"WordMasking: split must be 3 non-negative fractions (mask, random, delete) summing "
+                             f"to 1, got {split}")
+        self.prob, self.split = float(prob), split
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.continuation = None if continuation is None else np.asarray(continuation, dtype=bool)
+
+    def __repr__(self) -> str:
+        return f"WordMasking(prob={self.prob}, split={self.split}, mask_id={self.mask_id}, vocab_size={self.vocab_size})"
+
+    def draw(self, n_words: int, rng: np.random.Generator) -> np.ndarray:
+        """(n_words,) int8 outcome codes: 0 keep, 1 [MASK], 2 random, 3 delete (one uniform per word)."""
+        u = rng.random(n_words)
+        r = u / self.prob if self.prob > 0 else np.ones(n_words)
+        m, rnd = self.split[0], self.split[0] + self.split[1]
+        out = np.where(r < m, MASK, np.where(r < rnd, RANDOM, DELETE)).astype(np.int8)
+        out[u >= self.prob] = KEEP
+        return out
+
+    def _word_index(self, ids: np.ndarray) -> np.ndarray:
+        """Word number of each inner position (ids[1:-1]); continuation pieces join the word before."""
+        inner = ids[1:-1]
+        if self.continuation is None:
+            return np.arange(inner.size)
+        cont = self.continuation[np.clip(inner, 0, self.continuation.size - 1)]
+        cont[0] = False                                  # a caption starting with a "##" piece: own word
+        return np.cumsum(~cont) - 1
+
+    def apply_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Mask a caption's ids ``[CLS] w.. [SEP]`` (L,) int -> (L',) int64 with L' <= L (whole words).
+
+        Raises:
+            ValueError: ``mask_id`` / ``vocab_size`` not set (they come from the tokenizer).
+        """
+        if self.mask_id is None or not self.vocab_size:
+            raise ValueError("WordMasking.apply_ids needs mask_id and vocab_size (word_masking_for_tokenizer)")
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.prob <= 0 or ids.size <= 2:
+            return ids
+        word = self._word_index(ids)
+        codes = self.draw(int(word[-1]) + 1, rng)[word]   # per inner position
+        inner = ids[1:-1].copy()
+        inner[codes == MASK] = self.mask_id
+        n_rand = int((codes == RANDOM).sum())
+        if n_rand:
+            inner[codes == RANDOM] = rng.integers(0, self.vocab_size, n_rand)
+        inner = inner[codes != DELETE]
+        return np.concatenate((ids[:1], inner, ids[-1:]))
+
+    def apply_features(self, tokens: np.ndarray, rng: np.random.Generator, random_row) -> np.ndarray:
+        """Mask a caption's frozen token features (L, Dt) float -> (L', Dt) float32, L' <= L (per token).
+
+        Args:
+            tokens: rows ``[CLS] t.. [SEP]``. rng: the item's generator.
+            random_row: ``random_row(rng) -> (Dt,)`` float, the feature of a random token (see the class).
+        """
+        if self.prob <= 0 or len(tokens) <= 2:
+            return tokens
+        codes = self.draw(len(tokens) - 2, rng)
+        if not codes.any():
+            return tokens
+        inner = np.array(tokens[1:-1], dtype=np.float32, copy=True)
+        inner[codes == MASK] = 0.0
+        for j in np.flatnonzero(codes == RANDOM):
+            inner[j] = random_row(rng)
+        inner = inner[codes != DELETE]
+        return np.concatenate((tokens[:1], inner, tokens[-1:]), axis=0).astype(np.float32, copy=False)
+
+
+def word_masking_for_tokenizer(prob: float, split: Sequence[float], model_path: str | os.PathLike | None = None
+                               ) -> WordMasking:
+    """A :class:`WordMasking` for token ids of the BERT tokenizer in ``model_path`` (local folder; None = the
+    packaged MiniLM, whose vocabulary is bert-base-uncased's): its [MASK] id, ``len(vocab)`` and the ``##``
+    continuation table (whole-word masking). Loads the tokenizer only (``local_files_only``).
+
+    Raises:
+        ConfigError: the folder has no loadable tokenizer or no [MASK] token.
+    """
+    from aahr_fast.utils.errors import ConfigError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    if model_path is None:
+        from aahr_fast.backbones import default_text_model
+
+        model_path = default_text_model()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"word masking: cannot load the tokenizer of {model_path}: {exc}") from exc
+    if tok.mask_token_id is None:
+        raise ConfigError(f"word masking: the tokenizer of {model_path} has no [MASK] token")
+    vocab = tok.get_vocab()
+    size = len(vocab)
+    cont = np.zeros(max(size, max(vocab.values()) + 1), dtype=bool)
+    for piece, idx in vocab.items():
+        cont[idx] = piece.startswith("##")
+    return WordMasking(prob, split, mask_id=int(tok.mask_token_id), vocab_size=size, continuation=cont)
+
+
 class CaptionDataset(Dataset):
     """Training (or paired-eval) dataset: one item per caption, with its image (GPO style).
 
@@ -371,8 +522,9 @@ class CaptionDataset(Dataset):
     * size augmentation (data-and-eval.md 1.5): each region dropped independently with prob.
       ``region_drop`` (0.2), keeping >= 1;
     * ``token_drop`` (default 0, off): each token between [CLS] and [SEP] is deleted with this prob.,
-      keeping >= 1. For frozen token features only deletion is meaningful (GPO's [MASK]/random
-      replacement needs the text backbone; the fine-tuned text path can do it on ``input_ids``).
+      keeping >= 1 (plain deletion, kept for compatibility);
+    * ``word_mask`` (default None, off): the authors' word masking, :class:`WordMasking` (whole words on
+      ``input_ids``, tokens on frozen features), drawn after the region drop from the same generator.
 
     Args:
         features: the :class:`FeatureSplit`. train: enable augmentation.
@@ -384,7 +536,8 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, features: FeatureSplit, train: bool, region_drop: float = 0.2, token_drop: float = 0.0,
-                 *, text: str | None = "tokens", with_global: bool = True, seed: int = 0) -> None:
+                 *, text: str | None = "tokens", with_global: bool = True, seed: int = 0,
+                 word_mask: WordMasking | None = None) -> None:
         for nm, p in (("region_drop", region_drop), ("token_drop", token_drop)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"CaptionDataset: {nm} must be in [0, 1), got {p}")
@@ -395,6 +548,18 @@ class CaptionDataset(Dataset):
         self._aug = _Augment(seed)
         self.caption_image = features.caption_image
         self.image_ids = features.image_ids
+        self.word_mask = word_mask if (word_mask is not None and word_mask.prob > 0) else None
+        if self.word_mask is not None and text == "input_ids" and self.word_mask.mask_id is None:
+            raise ValueError("CaptionDataset: word masking of input_ids needs the tokenizer's mask_id / vocab_size "
+                             "(build it with word_masking_for_tokenizer)")
+
+    def _random_token_row(self, rng: np.random.Generator) -> np.ndarray:
+        """Frozen feature (Dt,) of a random inner token of a random caption (word masking, 'random')."""
+        fs = self.features
+        c = int(rng.integers(self.features.num_captions))
+        n = fs.token_len(c)
+        j = int(rng.integers(1, n - 1)) if n > 2 else int(rng.integers(n))
+        return fs.tokens(c)[j]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw of ``epoch``."""
@@ -418,6 +583,11 @@ class CaptionDataset(Dataset):
             seq = fs.tokens(c) if self.text == "tokens" else fs.input_ids(c)
             if rng is not None and self.token_drop > 0:
                 seq = seq[_drop_tokens(len(seq), self.token_drop, rng)]
+            if rng is not None and self.word_mask is not None:
+                if self.text == "input_ids":
+                    seq = self.word_mask.apply_ids(seq, rng)
+                else:
+                    seq = self.word_mask.apply_features(seq, rng, self._random_token_row)
             item[self.text] = seq
         if self.with_global:
             item["img_global"] = fs.img_global(i)

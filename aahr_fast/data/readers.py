@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from aahr_fast.data.dataset import ImageTextSplit, is_blank_caption
 from aahr_fast.utils.errors import DataError
 
 __all__ = [
+    "open_sources",
     "read_flickr8k",
     "read_precomp",
     "PrecompIndex",
@@ -535,3 +536,28 @@ def open_dataset(spec: str | os.PathLike, split: str, *, image_dir: str | os.Pat
         raise DataError(f"{path}: json is neither COCO captions ('annotations') nor Karpathy "
                         f"('images[*].sentences')")
     raise DataError(f"dataset spec {s!r}: not 'synthetic[:root]', an existing folder, or a .json file")
+
+
+def open_sources(sources: str | os.PathLike | Sequence[str | os.PathLike], split: str,
+                 **kwargs: Any) -> ImageTextSplit:
+    """Open ``split`` from one source or combine it from several (``prepare --split-source``).
+
+    Each source is opened with :func:`open_dataset` (``open_dataset(source, split, **kwargs)``: a COCO
+    captions json or a Flickr8k folder, ...) and the parts are joined by
+    :func:`aahr_fast.data.dataset.concat_splits` in the order given.
+
+    Args:
+        sources: a spec, or a list of specs. split: the split name each source is opened with and the
+            combined split's name. kwargs: passed to :func:`open_dataset`.
+    Raises:
+        DataError: an empty list, an unreadable source (from the readers), or an image id in two sources.
+    """
+    from aahr_fast.data.dataset import concat_splits
+
+    if isinstance(sources, (str, os.PathLike)):
+        return open_dataset(sources, split, **kwargs)
+    sources = list(sources)
+    if not sources:
+        raise DataError(f"split {split!r}: empty list of sources")
+    parts = [open_dataset(s, split, **kwargs) for s in sources]
+    return parts[0] if len(parts) == 1 else concat_splits(split, parts)

@@ -16,14 +16,14 @@ Public API used by the trainer (``aahr_fast/train.py``): :func:`build_model`,
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aahr_fast.models.config import START_SWITCHES, ModelConfig, ScheduleWarning, late_start_message, resolve_start
+from aahr_fast.models.common import REQUIRED_DIMS, ScheduleMixin, check_dims, check_ids, split_param_groups
+from aahr_fast.models.config import ModelConfig, ScheduleWarning  # noqa: F401  (ScheduleWarning re-exported)
 from aahr_fast.models.encoders import EncoderOutput, ImageEncoder, TextEncoder
 from aahr_fast.models.graph import InstanceGraph
 from aahr_fast.models.losses import matching_loss, queue_infonce
@@ -32,77 +32,6 @@ from aahr_fast.models.prototypes import Prototypes
 from aahr_fast.utils.errors import ConfigError, DataError
 
 __all__ = ["AAHR", "build_model", "REQUIRED_DIMS", "check_dims", "ScheduleMixin", "split_param_groups"]
-
-REQUIRED_DIMS = ("region_dim", "img_global_dim", "token_dim", "txt_global_dim")
-
-
-def check_dims(dims: dict) -> dict:
-    """Validate the feature dims read from a feature folder's ``meta.json``; returns ``{name: int}`` with the
-    keys of :data:`REQUIRED_DIMS`. The short names of ``meta.json["dims"]`` (``region``, ``img_global``,
-    ``token``, ``txt_global``) are accepted too. Raises ConfigError naming the missing / non-positive entry."""
-    if not isinstance(dims, dict):
-        raise ConfigError(f"dims must be a dict with keys {REQUIRED_DIMS}, got {type(dims).__name__}")
-    # also accept the short names of a feature folder's meta.json "dims" entry (region, img_global, ...)
-    dims = {**{f"{k}_dim": v for k, v in dims.items() if not str(k).endswith("_dim")}, **dims}
-    missing = [k for k in REQUIRED_DIMS if k not in dims]
-    if missing:
-        raise ConfigError(f"dims is missing {missing} (expected keys {REQUIRED_DIMS}); got {sorted(dims)}")
-    out = {}
-    for k in REQUIRED_DIMS:
-        try:
-            out[k] = int(dims[k])
-        except (TypeError, ValueError):
-            raise ConfigError(f"dims[{k!r}]={dims[k]!r}: expected a positive int") from None
-        if out[k] < 1:
-            raise ConfigError(f"dims[{k!r}]={dims[k]!r}: expected a positive int")
-    return out
-
-
-def split_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
-    """Optimiser parameter groups: ``{"name": "main", lr}`` and ``{"name": "backbone", lr * mult}`` (the
-    fine-tuned text backbone, any parameter under a ``backbone`` submodule). Frozen parameters (the
-    momentum key encoders) are left out; empty groups are dropped."""
-    main, backbone = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (backbone if (".backbone." in f".{name}") else main).append(p)
-    groups = [{"name": "main", "params": main, "lr": lr}]
-    if backbone:
-        groups.append({"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult})
-    return [g for g in groups if g["params"]]
-
-
-class ScheduleMixin:
-    """Warm-up starts given in iterations, epochs or fractions (see :mod:`aahr_fast.models.config`)."""
-
-    _SCHEDULE_KEYS: tuple = ()
-
-    def resolve_schedule(self, steps_per_epoch: Optional[int], total_steps: Optional[int]) -> dict:
-        """Convert the configured warm-up starts to iteration numbers; call once before training.
-
-        Args: steps_per_epoch, total_steps: optimiser steps per epoch / in the whole run.
-        Returns: ``{"proto_start": int, ...}``. Raises ConfigError when a needed count is missing.
-        Warns: :class:`~aahr_fast.models.config.ScheduleWarning` for each enabled part (``use_prototypes``,
-            ``use_graph``, ``use_moco``) whose start is at or beyond ``total_steps`` (it never runs).
-        """
-        self._starts = {k: resolve_start(getattr(self.cfg, k), steps_per_epoch, total_steps, k)
-                        for k in self._SCHEDULE_KEYS}
-        if total_steps:
-            for k, start in self._starts.items():
-                msg = late_start_message(k, getattr(self.cfg, k), start, int(total_steps))
-                if msg and getattr(self.cfg, START_SWITCHES.get(k, ""), True):
-                    warnings.warn(msg, ScheduleWarning, stacklevel=2)
-        return dict(self._starts)
-
-    def start_of(self, key: str) -> int:
-        """Resolved iteration at which ``key`` (e.g. ``"graph_start"``) begins. Integer specs work without
-        :meth:`resolve_schedule`; epoch / fraction specs raise ConfigError until it has been called."""
-        starts = getattr(self, "_starts", None)
-        if starts is not None and key in starts:
-            return starts[key]
-        return resolve_start(getattr(self.cfg, key), None, None, key)
-
 
 def _gather_step(dctx, img: EncoderOutput, txt: EncoderOutput, keys: Optional[tuple], ids: torch.Tensor):
     """Distributed training: the encoder outputs, momentum keys and image ids of every rank, concatenated
@@ -120,15 +49,6 @@ def _gather_step(dctx, img: EncoderOutput, txt: EncoderOutput, keys: Optional[tu
     if keys is not None:
         keys = tuple(all_gather_nograd(k, dctx) for k in keys)
     return one(img), one(txt), keys, all_gather_nograd(ids, dctx)
-
-
-def _check_ids(batch: dict, bsz: int) -> torch.Tensor:
-    if "img_index" not in batch:
-        raise DataError(f"batch has no 'img_index' (image index of each pair, for same-image masking); keys: {sorted(batch)}")
-    ids = batch["img_index"]
-    if ids.shape != (bsz,):
-        raise DataError(f"batch['img_index']: expected shape ({bsz},), got {tuple(ids.shape)}")
-    return ids.long()
 
 
 class AAHR(ScheduleMixin, nn.Module):
@@ -198,13 +118,14 @@ class AAHR(ScheduleMixin, nn.Module):
                 and self.queue_v.is_full and self.queue_t.is_full)
 
     def training_step(self, batch: dict, step: int, generator: torch.Generator) -> dict:
-        """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}}``.
+        """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}, "embeddings":
+        (f_v, f_t)}`` (the detached final (B, D) embeddings, global batch when distributed).
 
         :meth:`training_losses` with the parts read to floats (one host read per part); the trainer calls
         :meth:`training_losses` and reads the parts after the optimiser step instead.
         """
         out = self.training_losses(batch, step, generator)
-        return {"loss": out["loss"], "parts": {k: float(v) for k, v in out["parts"].items()}}
+        return {**out, "parts": {k: float(v) for k, v in out["parts"].items()}}
 
     def prepare_step(self) -> None:
         """Eager work before a (compiled) :meth:`training_losses`: renormalise the prototypes when an optimiser
@@ -217,8 +138,8 @@ class AAHR(ScheduleMixin, nn.Module):
                 q.is_full  # noqa: B018  (fills the host mirror)
 
     def training_losses(self, batch: dict, step: int, generator: torch.Generator) -> dict:
-        """One training forward without host reads: ``{"loss": scalar Tensor, "parts": {name: 0-dim Tensor}}``
-        (parts detached; read them after the step). Compiles with ``torch.compile(fullgraph=True)`` after
+        """One training forward without host reads: ``{"loss": scalar Tensor, "parts": {name: 0-dim Tensor},
+        "embeddings": (f_v, f_t)}`` (parts and embeddings detached; read them after the step). Compiles with ``torch.compile(fullgraph=True)`` after
         :meth:`prepare_step` (then the negative sampling draws from the global RNG, not ``generator``).
 
         Parts: ``base``, and when enabled ``proto``, ``gnn``, ``moco`` (unweighted values; 0.0 before
@@ -241,7 +162,7 @@ class AAHR(ScheduleMixin, nn.Module):
             bsz = img.fused.shape[0]
             if txt.fused.shape[0] != bsz:
                 raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
-            ids = _check_ids(batch, bsz).to(img.fused.device)
+            ids = check_ids(batch, bsz).to(img.fused.device)
             keys = None
             if self.queue_v is not None:
                 with torch.no_grad():
@@ -293,7 +214,7 @@ class AAHR(ScheduleMixin, nn.Module):
             if self.training:
                 self._pending = (k_v, k_t, ids)
             if self.moco_active(step):
-                mask = cfg.moco_mask_same_image and not cfg.paper_compat
+                mask = cfg.moco_mask_same_image   # paper_compat / preset=authors set it False
                 lm = queue_infonce(v_hat, k_t, self.queue_t.feats, tau=cfg.moco_tau, q_ids=ids,
                                    queue_ids=self.queue_t.ids, mask_same_image=mask) \
                     + queue_infonce(t_hat, k_v, self.queue_v.feats, tau=cfg.moco_tau, q_ids=ids,
@@ -303,7 +224,8 @@ class AAHR(ScheduleMixin, nn.Module):
             else:
                 parts["moco"] = zero
         parts["total"] = total.detach()
-        return {"loss": total, "parts": parts}
+        # detached final embeddings of the (global) batch: the trainer's collapse check reads their spread
+        return {"loss": total, "parts": parts, "embeddings": (img.fused.detach(), txt.fused.detach())}
 
     @torch.no_grad()
     def on_after_optimizer_step(self) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aahr_fast.models.aahr import ScheduleMixin, _check_ids, check_dims, split_param_groups
+from aahr_fast.models.common import ScheduleMixin, check_dims, check_ids, split_param_groups
 from aahr_fast.models.config import ModelConfig
 from aahr_fast.models.encoders import TextBackbone, check_fragments, text_token_features
 from aahr_fast.models.losses import matching_loss
@@ -35,7 +35,7 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         cfg.validate()
         dims = check_dims(dims)
         self.cfg, self.dims = cfg, dims
-        self.backbone = TextBackbone(cfg.text_backbone_path) if cfg.text_mode == "finetune" else None
+        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
         tdim = self.backbone.hidden_size if self.backbone is not None else dims["token_dim"]
         self.img_fc = nn.Linear(dims["region_dim"], cfg.embed_dim)
         self.txt_fc = nn.Linear(tdim, cfg.embed_dim)
@@ -64,12 +64,13 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         return F.normalize(self.txt_fc(masked_mean(x.float(), lengths_to_mask(lens, x.shape[1]))), dim=-1)
 
     def training_step(self, batch: dict, step: int, generator: torch.Generator) -> dict:
-        """``{"loss": scalar, "parts": {"base": float, "total": float}}`` with the configured matching loss."""
+        """``{"loss": scalar, "parts": {"base": float, "total": float}, "embeddings": (f_v, f_t)}`` with the
+        configured matching loss; the embeddings are the detached (B, D) ones the loss saw."""
         c = self.cfg
         f_v, f_t = self.encode_images(batch), self.encode_texts(batch)
         if f_v.shape[0] != f_t.shape[0]:
             raise DataError(f"batch has {f_v.shape[0]} images but {f_t.shape[0]} captions")
-        ids = _check_ids(batch, f_v.shape[0]).to(f_v.device)
+        ids = check_ids(batch, f_v.shape[0]).to(f_v.device)
         if self._dist is not None:   # in-batch negatives over the global batch (differentiable gather)
             from aahr_fast.distributed import all_gather_grad, all_gather_nograd
 
@@ -79,7 +80,7 @@ class VSEBaseline(ScheduleMixin, nn.Module):
             loss = matching_loss(c.loss, f_v.float(), f_t.float(), ids, generator, margin=c.margin, n=c.dws_n,
                                  cutoff=c.dws_cutoff, min_dist=c.dws_min_dist, mask_same_image=c.mask_same_image)
         val = float(loss.detach())
-        return {"loss": loss, "parts": {"base": val, "total": val}}
+        return {"loss": loss, "parts": {"base": val, "total": val}, "embeddings": (f_v.detach(), f_t.detach())}
 
     def on_after_optimizer_step(self) -> None:
         """Nothing to do (no momentum encoder)."""

