@@ -534,7 +534,7 @@ def compiled_step_check(device: str, tiny: bool, report: dict, *, compile_backen
                 out = compiled(batch)
                 out["loss"].backward()
         row["host_reads"] = reads
-        row["loss"] = float(out["loss"])
+        row["loss"] = float(out["loss"].detach())
         row["status"] = "ok" if not reads else "host reads"
         return not reads
     except Exception as exc:  # noqa: BLE001  (a sync under the CUDA guard raises RuntimeError)

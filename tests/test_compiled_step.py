@@ -39,11 +39,15 @@ def _loss_and_grads(model, batch, fn):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_aahr_training_loss_compiles_fullgraph_zero_breaks_equal_to_eager(monkeypatch, backend):
+def test_aahr_training_loss_compiles_fullgraph_zero_breaks_equal_to_eager(request, backend):
     """The whole AAHR training loss (encoders, prototypes, graph, MoCo) on the fused cpp ops: one graph, no
     break, and the same loss, parts and parameter gradients as eager (Dynamo + AOTAutograd; Inductor as well,
     marked slow: about 2-3 min of compilation on 2 shared cores)."""
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # same RNG stream as eager
+    import torch._inductor.config as inductor_config
+
+    patch = inductor_config.patch(fallback_random=True)  # same RNG stream as eager
+    patch.__enter__()
+    request.addfinalizer(lambda: patch.__exit__(None, None, None))
     step = _step()
     model, batch = step.model, _batch()
     model.prepare_step()
@@ -143,7 +147,7 @@ def test_gpucheck_compiled_step_runs_without_host_reads_on_cpu():
     report: dict = {}
     ok = gpucheck.compiled_step_check("cpu", True, report, compile_backend="aot_eager")
     row = report["compiled_step"]
-    assert ok and row["status"] == "ok" and row["host_reads"] == [] and row["graph_breaks"] == 0, row
+    assert ok and row["status"] == "ok" and row["host_reads"] == [] and row["graph_breaks"] == 0, str(row)
     assert "compiled AAHR training step" in _tables(report)
 
 
