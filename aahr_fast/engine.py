@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+from aahr_fast.ops import value_checks
 from torch.utils.data import DataLoader, Subset
 
 from aahr_fast.checkpoint import (
@@ -670,24 +672,31 @@ class Trainer:
         cfg = self.cfg
         p = self.p
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            if self._ddp is None:
-                out = self.model.training_step(batch, p.step, self.model_gen)
-            else:
+        # The fused step (forward + backward) reads no tensor value on the host: lengths were validated where
+        # the data entered (collate_batch), so the ops' value checks are off, and the model returns its loss
+        # parts as tensors (AAHR.training_losses). The guard and the log read them once, after the backward.
+        with value_checks(False), \
+                torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if self._ddp is not None:
                 out = self._ddp(batch, p.step, self.model_gen)
+            elif hasattr(self.model, "training_losses"):
+                out = self.model.training_losses(batch, p.step, self.model_gen)
+            else:
+                out = self.model.training_step(batch, p.step, self.model_gen)
         loss = out["loss"]
+        with value_checks(False):
+            self.scaler.scale(loss).backward()   # every rank runs it (DDP's backward is collective)
         stats = step_statistics(out)   # 0-d tensors from the detached embeddings; read at logging time
-        loss_val = float(loss.detach().float().item())
+        loss_val = float(loss.detach().float().item())   # first host read of the step
         parts = {k: float(v) for k, v in (out.get("parts") or {}).items()}
         record = {"type": "step", "epoch": p.epoch + 1, "step": p.step + 1, "loss": loss_val, "parts": parts,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         bad_loss = not math.isfinite(loss_val)
-        if self.dist is not None:   # every rank must take the same branch (DDP's backward is collective)
+        if self.dist is not None:   # every rank must take the same branch
             bad_loss = self.dist.any(bad_loss)
         if bad_loss:
             self.optimizer.zero_grad(set_to_none=True)
             return {**record, "type": "skip", "reason": "non-finite loss"}
-        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))

@@ -23,6 +23,7 @@ the test-suite to keep this script working on machines without a GPU); its timin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -446,6 +447,101 @@ def gallery(backends, device, tiny, budget, report, dtype) -> None:
                 torch.cuda.empty_cache()
         report["gallery"].append(row)
 
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy")
+
+
+@contextlib.contextmanager
+def no_sync_guard(device: str):
+    """Fail on host synchronisation inside the block.
+
+    CUDA: ``torch.cuda.set_sync_debug_mode("error")`` (every synchronising CUDA call raises), restored afterwards.
+    CPU (the self-test; CPU has no stream to synchronise): the ``torch.Tensor`` methods that read values on the
+    host are patched to record their caller; yields the list of those reads (the caller asserts it is empty).
+    """
+    import torch
+
+    reads: list[str] = []
+    if device == "cuda":
+        old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield reads
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+        return
+    saved = {n: getattr(torch.Tensor, n) for n in _HOST_READS}
+
+    def wrap(name, orig):
+        def f(self, *a, **k):
+            reads.append(f"{name} at {traceback.format_stack(limit=3)[0].strip()}")
+            return orig(self, *a, **k)
+        return f
+
+    try:
+        for n, orig in saved.items():
+            setattr(torch.Tensor, n, wrap(n, orig))
+        yield reads
+    finally:
+        for n, orig in saved.items():
+            setattr(torch.Tensor, n, orig)
+
+
+def compiled_step_check(device: str, tiny: bool, report: dict, *, compile_backend: str = "inductor") -> bool:
+    """One AAHR training step (small flickr8k_cpu-style model, every loss term on) with the loss compiled by
+    ``torch.compile`` and run, forward and backward, under :func:`no_sync_guard`. Records
+    ``report["compiled_step"]`` = {status, graph_breaks, host_reads / reason, loss}; returns True when it ran
+    without a synchronisation.
+
+    On CUDA the loss compiles with ``fullgraph=False``: the Triton / CUDA backends are not registered operators
+    yet (they run through ``torch.autograd.Function``), so graph breaks are counted and reported, not fatal.
+    """
+    import dataclasses
+
+    import torch
+
+    from aahr_fast.config import load_config
+    from aahr_fast.models import build_model
+    from aahr_fast.ops import value_checks
+
+    dims = dict(region_dim=64, img_global_dim=32, token_dim=48, txt_global_dim=24)
+    cfg = load_config("flickr8k_cpu").model
+    cfg = dataclasses.replace(cfg, embed_dim=32 if tiny else 256, dropout=0.0, num_prototypes=16, queue_size=32,
+                              proto_start=0, graph_start=0, moco_start=0).validate()
+    b = 8 if tiny else 128
+    g = torch.Generator().manual_seed(0)
+    batch = dict(regions=torch.randn(b, 7, 64, generator=g), region_lens=torch.full((b,), 7),
+                 img_global=torch.randn(b, 32, generator=g), tokens=torch.randn(b, 9, 48, generator=g),
+                 token_lens=torch.randint(1, 10, (b,), generator=g), txt_global=torch.randn(b, 24, generator=g),
+                 img_index=torch.arange(b), cap_index=torch.arange(b))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    row: dict = dict(device=device, batch=b, embed_dim=cfg.embed_dim, compile_backend=compile_backend)
+    report["compiled_step"] = row
+    try:
+        model = build_model(cfg, dims).to(device).train()
+        for q in (model.queue_v, model.queue_t):
+            q.count.fill_(q.size)
+        fn = lambda bt: model.training_losses(bt, 1, None)  # noqa: E731
+        model.prepare_step()
+        explained = torch._dynamo.explain(fn)(batch)
+        row["graph_breaks"] = int(explained.graph_break_count)
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=(device != "cuda"), backend=compile_backend)
+        with value_checks(False):
+            compiled(batch)["loss"].backward()  # compilation and first run, outside the guard
+            model.zero_grad(set_to_none=True)
+            model.prepare_step()
+            with no_sync_guard(device) as reads:
+                out = compiled(batch)
+                out["loss"].backward()
+        row["host_reads"] = reads
+        row["loss"] = float(out["loss"].detach())
+        row["status"] = "ok" if not reads else "host reads"
+        return not reads
+    except Exception as exc:  # noqa: BLE001  (a sync under the CUDA guard raises RuntimeError)
+        _mark_error(row, exc)
+        return False
+
+
 
 # ------------------------------------------------------------------------------------------ output
 def _fmt(v, nd=3):
@@ -480,6 +576,12 @@ def print_tables(report: dict, out=sys.stdout) -> None:
         p(f"{r['images']}x{r['captions']} {r['backend']:10s} {r['dtype']:9s} {_fmt(r.get('ms')):>9s} ms "
           f"{_fmt(r.get('tflops')):>7s} TF/s  peak extra {_fmt(r.get('peak_extra_mb'))} MiB "
           f"(inputs {_fmt(r['input_mb'])} MiB, outputs {_fmt(r['output_mb'])} MiB)  {(r.get('reason') or '')[:80]}")
+    cs = report.get("compiled_step")
+    if cs:
+        p("\n== compiled AAHR training step under the no-sync guard (torch.cuda.set_sync_debug_mode('error'))")
+        p(f"{cs.get('device')} B={cs.get('batch')} D={cs.get('embed_dim')} {cs.get('compile_backend')}: "
+          f"{cs.get('status')}, graph breaks {cs.get('graph_breaks')}, host reads {len(cs.get('host_reads') or [])} "
+          f"{(cs.get('reason') or '')[:120]}")
     p(f"\n== total {report.get('total_s', 0):.1f} s; skipped sections: "
       f"{sum(1 for k in ('checks', 'speed', 'gallery') for r in report[k] if r.get('status') == 'skipped')}")
 
@@ -570,6 +672,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     speed(cases, backends_big, sizes[1:], device, tiny, budget, report, dtype=bf16)
     if not args.no_compile:
         speed_compile_only(cases, sizes[:1], device, tiny, budget, report, bf16)
+        ok &= compiled_step_check(device, tiny, report, compile_backend="aot_eager" if tiny else "inductor")
     report["total_s"] = round(budget.seconds - budget.left(), 1)
     report["all_checks_passed"] = bool(ok)
     print_tables(report)

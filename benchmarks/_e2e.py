@@ -118,9 +118,27 @@ class TrainStep:
         self.gen = torch.Generator().manual_seed(seed)
         self.step_no = 0
 
+    def compile(self) -> "TrainStep":
+        """Run the model's loss (``AAHR.training_losses``: encoders, prototypes, graph, MoCo; forward and, through
+        AOTAutograd, backward) as one ``torch.compile(fullgraph=True)`` graph from now on; the optimiser, clip and
+        EMA / enqueue stay eager. The negative sampling then draws from the global RNG."""
+        self._loss_fn = torch.compile(lambda batch, step: self.model.training_losses(batch, step, None),
+                                      fullgraph=True)
+        # the step only gates the warm-ups (step >= start): clamped to the last start, it compiles once
+        self._step_cap = max(self.model.start_of(k) for k in ("proto_start", "graph_start", "moco_start"))
+        return self
+
     def __call__(self, batch: dict) -> dict:
         self.opt.zero_grad(set_to_none=True)
-        out = self.model.training_step(batch, self.step_no, self.gen)
+        if getattr(self, "_loss_fn", None) is not None:
+            from aahr_fast.ops import value_checks
+
+            self.model.prepare_step()
+            with value_checks(False):
+                out = self._loss_fn(batch, min(self.step_no, self._step_cap))
+            out = {"loss": out["loss"], "parts": {k: float(v) for k, v in out["parts"].items()}}
+        else:
+            out = self.model.training_step(batch, self.step_no, self.gen)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.params, 2.0)
         self.opt.step()
@@ -220,22 +238,29 @@ def run_step_benchmark(benchmark, tools, *, group: str, preset: str, batch_size:
     """Time ``rounds`` training steps of one row (``mode`` = ``"reference"`` or ``"default"``), record
     memory / FLOP rate / ceiling fraction into ``extra_info`` (and the conftest summary). Returns the
     ``extra_info`` dict. Shared with ``bench_scaling.py``."""
-    backend = "reference" if mode == "reference" else default_backend(device)
-    if mode != "reference" and backend == "reference":
+    ref = mode in ("reference", "compiled-reference")
+    backend = "reference" if ref else default_backend(device)
+    if not ref and backend == "reference":
         pytest.skip(f"no fused backend on {device} here (the default resolves to the reference)")
     benchmark.group = group
     cfg = model_config(preset)
     flops = step_flops(preset, batch_size, device)
     step = TrainStep(cfg, device)
+    compiled = mode.startswith("compiled")
+    if compiled:
+        torch._dynamo.reset()
+        step.compile()
     batch = random_batch(batch_size, device=device)
-    with ops_backend_env("reference" if mode == "reference" else None):
+    with ops_backend_env("reference" if ref else None):
+        if compiled:
+            step(batch)  # compilation (not timed)
         parts = step(batch)  # warm-up (extension load, allocator) + the parts check
         expected = {"base", "proto", "gnn", "moco", "total"}
         assert expected <= set(parts) and all(torch.isfinite(torch.tensor(list(parts.values())))), parts
         assert all(parts[k] != 0.0 for k in ("proto", "gnn", "moco")), f"a loss term did not run: {parts}"
         peak, _ = tools.peak_extra_bytes(step, batch) if device == "cpu" else (_cuda_peak(step, batch), None)
         benchmark.pedantic(step, args=(batch,), rounds=rounds, iterations=1, warmup_rounds=0)
-    info = dict(backend=backend, preset=preset, batch=batch_size, embed_dim=cfg.embed_dim, threads=threads,
+    info = dict(backend=backend + ("-compiled" if compiled else ""), compiled=compiled, preset=preset, batch=batch_size, embed_dim=cfg.embed_dim, threads=threads,
                 device=device, peak_extra_mib=peak / 2**20, step_gflop=flops / 1e9,
                 loss_parts={k: round(v, 4) for k, v in parts.items()}, **extra)
     med = tools.median_seconds(benchmark)
@@ -245,7 +270,7 @@ def run_step_benchmark(benchmark, tools, *, group: str, preset: str, batch_size:
         if device == "cpu":
             ceiling = mm_ceiling_now(batch_size * N_REGIONS, cfg.embed_dim, FLICKR8K_DIMS["region_dim"])
             info.update(frac_mm_ceiling=gf / ceiling, mm_ceiling_gflops=ceiling)
-    tools.record(benchmark, group, backend, **info)
+    tools.record(benchmark, group, info["backend"], **info)
     return info
 
 

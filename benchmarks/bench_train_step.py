@@ -12,7 +12,11 @@ prototypes, instance graph, MoCo), backward, clip, AdamW, EMA + enqueue.
 Group ``train-step-<preset>-B128-<device>-T<threads>``, one row per ops backend on the same inputs:
 * ``reference``: ``AAHR_OPS_BACKEND=reference`` (every fused op in plain PyTorch);
 * the default backend for the device (``cpp`` on CPU when the C++ extension builds, ``triton`` on CUDA),
-  named after the backend it resolved to.
+  named after the backend it resolved to;
+* ``<backend>-compiled`` (modes ``compiled`` / ``compiled-reference``): the same step with the model's loss
+  (``AAHR.training_losses``, forward + backward) under ``torch.compile(fullgraph=True)`` (Inductor), on the
+  fused ops (registered operators, opaque to Inductor) or on the reference ops (which Inductor fuses itself);
+  compilation happens in an untimed warm-up step.
 Presets: ``flickr8k_cpu`` (width 256, the configuration trained on this machine) by default; ``paper``
 (width 1024, the paper's Flickr30K model) with ``--full``.
 
@@ -48,10 +52,11 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("mode", ["reference", "default"])
+@pytest.mark.parametrize("mode", ["reference", "default", "compiled", "compiled-reference"])
 def test_train_step(benchmark, bench_tools, threads, preset, mode, device):
     extra = {}
-    if preset == "flickr8k_cpu" and device == "cpu":  # also the B = 128 point of bench_scaling.py's train-B sweep
+    if preset == "flickr8k_cpu" and device == "cpu" and not mode.startswith("compiled"):
+        # also the B = 128 point of bench_scaling.py's train-B sweep (eager rows only)
         extra = dict(sweeps=_e2e.train_sweep_info(B), work_flops=_e2e.step_flops(preset, B), mem_model_bytes=None)
     _e2e.run_step_benchmark(benchmark, bench_tools, group=f"train-step-{preset}-B{B}-{device}-T{threads}",
                             preset=preset, batch_size=B, mode=mode, device=device, threads=threads,

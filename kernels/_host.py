@@ -1,6 +1,6 @@
 """Torch-only host helpers shared by the Triton and CUDA backends of the cross similarity.
 
-No Triton import here: the CUDA backend (``aahr_fast/ops/cross_similarity_cuda.py``) uses these on
+No Triton import here: the CUDA backend (``aahr_fast/ops/_cuda_cross_similarity.py``) uses these on
 machines without Triton.
 """
 from __future__ import annotations

@@ -190,18 +190,19 @@ def _toy_cfg(**run):
 
 
 def _builder(bad_steps):
-    """build_model whose training step ``s in bad_steps`` (0-based) returns a NaN loss."""
+    """build_model whose training step ``s in bad_steps`` (0-based) returns a NaN loss (the trainer calls
+    ``training_losses``, the host-read-free form of ``training_step``)."""
     from aahr_fast.models import build_model
 
     def build(cfg, dims):
         model = build_model(cfg, dims)
-        real = model.training_step
+        real = model.training_losses
 
-        def training_step(batch, step, generator):
+        def training_losses(batch, step, generator):
             out = real(batch, step, generator)
             return {**out, "loss": out["loss"] * float("nan")} if step in bad_steps else out
 
-        model.training_step = training_step
+        model.training_losses = training_losses
         return model
 
     return build
@@ -229,13 +230,13 @@ def test_nonfinite_gradient_is_skipped(toy_dir, tmp_path):
         model = build_model(mcfg, dims)
         first = next(p for p in model.parameters() if p.requires_grad)
         first.register_hook(lambda g: torch.full_like(g, float("nan")) if state["armed"] else g)
-        real = model.training_step
+        real = model.training_losses
 
-        def training_step(batch, step, generator):
+        def training_losses(batch, step, generator):
             state["armed"] = step == 6
             return real(batch, step, generator)
 
-        model.training_step = training_step
+        model.training_losses = training_losses
         return model
 
     trainer = Trainer(cfg, toy_dir, tmp_path / "run", log=lambda m: None, model_builder=build)
@@ -284,3 +285,33 @@ def test_moving_average_is_trailing():
     assert np.allclose(moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
     assert np.allclose(moving_average(np.array([2.0, 4.0]), 1), [2.0, 4.0])
     assert moving_average(np.array([]), 3).size == 0
+
+
+def test_trainer_step_runs_without_value_checks_after_collate_validated_lengths(toy_dir, tmp_path):
+    """The trainer validates lengths at collate and runs the model step inside value_checks(False) (issue 14)."""
+    import numpy as np
+
+    from aahr_fast.data.features import collate_batch
+    from aahr_fast.models import build_model
+    from aahr_fast.ops import value_checks_enabled
+    from aahr_fast.utils.errors import DataError
+
+    with pytest.raises(DataError, match="item 1 has no tokens"):
+        collate_batch([{"tokens": np.ones((3, 4), np.float32)}, {"tokens": np.ones((0, 4), np.float32)}])
+    seen = []
+
+    def build(mcfg, dims):
+        model = build_model(mcfg, dims)
+        real = model.training_losses
+
+        def training_losses(batch, step, generator):
+            seen.append(value_checks_enabled(batch["token_lens"]))
+            return real(batch, step, generator)
+
+        model.training_losses = training_losses
+        return model
+
+    cfg = validate_config(config_from_dict({**TOY_CONFIG, "schedule": {"epochs": 1, "decay_epochs": [1]},
+                                            "run": {**TOY_CONFIG["run"], "plots": False}}))
+    Trainer(cfg, toy_dir, tmp_path / "run", log=lambda m: None, model_builder=build).fit()
+    assert seen and not any(seen) and value_checks_enabled(torch.ones(1))

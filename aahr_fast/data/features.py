@@ -649,8 +649,12 @@ class TextDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- collate
-def _pad(seqs: Sequence[np.ndarray], dtype: np.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: Sequence[np.ndarray], dtype: np.dtype, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    empty = np.flatnonzero(lens < 1)
+    if empty.size:  # validated here, where data enters: the training step runs without value checks
+        raise DataError(f"collate: item {int(empty[0])} has no {key or 'fragments'} (length 0); every item needs "
+                        f"at least one region / token")
     out = np.zeros((len(seqs), int(lens.max()), *seqs[0].shape[1:]), dtype=dtype)
     for b, s in enumerate(seqs):
         out[b, : len(s)] = s
@@ -671,7 +675,9 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     Returns:
         dict of CPU tensors (float32 features, int64 lengths / ids / indices) as listed above.
     Raises:
-        DataError: empty batch, or items with different keys (names the item).
+        DataError: empty batch, items with different keys, or an item with no regions / tokens (length 0;
+            names the item). Lengths are thus valid here, so the trainer's step runs inside
+            ``aahr_fast.ops.value_checks(False)``.
         ValueError: items whose feature widths differ (``Dr`` / ``Dt`` / ``Dg`` / ``Dgt``; numpy's
             broadcast / stack error, not checked further).
     """
@@ -683,11 +689,11 @@ def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
             raise DataError(f"collate: item {b} has keys {sorted(it)}, item 0 has {sorted(keys)}")
     out: dict[str, torch.Tensor] = {}
     if "regions" in keys:
-        out["regions"], out["region_lens"] = _pad([it["regions"] for it in items], np.float32)
+        out["regions"], out["region_lens"] = _pad([it["regions"] for it in items], key="regions", dtype=np.float32)
     if "tokens" in keys:
-        out["tokens"], out["token_lens"] = _pad([it["tokens"] for it in items], np.float32)
+        out["tokens"], out["token_lens"] = _pad([it["tokens"] for it in items], key="tokens", dtype=np.float32)
     if "input_ids" in keys:
-        out["input_ids"], out["token_lens"] = _pad([it["input_ids"] for it in items], np.int64)
+        out["input_ids"], out["token_lens"] = _pad([it["input_ids"] for it in items], key="input_ids", dtype=np.int64)
     for k in ("img_global", "txt_global"):
         if k in keys:
             out[k] = torch.from_numpy(np.stack([it[k] for it in items]).astype(np.float32, copy=False))

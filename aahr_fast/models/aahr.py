@@ -121,6 +121,27 @@ class AAHR(ScheduleMixin, nn.Module):
         """One training forward: returns ``{"loss": scalar Tensor, "parts": {name: float}, "embeddings":
         (f_v, f_t)}`` (the detached final (B, D) embeddings, global batch when distributed).
 
+        :meth:`training_losses` with the parts read to floats (one host read per part); the trainer calls
+        :meth:`training_losses` and reads the parts after the optimiser step instead.
+        """
+        out = self.training_losses(batch, step, generator)
+        return {**out, "parts": {k: float(v) for k, v in out["parts"].items()}}
+
+    def prepare_step(self) -> None:
+        """Eager work before a (compiled) :meth:`training_losses`: renormalise the prototypes when an optimiser
+        step or a load changed them (a compiled forward cannot read the parameter's version counter), and
+        read the queues' fill counters into their host mirrors (once; later steps keep them on the host)."""
+        if self.prototypes is not None and self.training:
+            self.prototypes.renormalize_if_changed()
+        for q in (self.queue_v, self.queue_t):
+            if q is not None:
+                q.is_full  # noqa: B018  (fills the host mirror)
+
+    def training_losses(self, batch: dict, step: int, generator: torch.Generator) -> dict:
+        """One training forward without host reads: ``{"loss": scalar Tensor, "parts": {name: 0-dim Tensor},
+        "embeddings": (f_v, f_t)}`` (parts and embeddings detached; read them after the step). Compiles with ``torch.compile(fullgraph=True)`` after
+        :meth:`prepare_step` (then the negative sampling draws from the global RNG, not ``generator``).
+
         Parts: ``base``, and when enabled ``proto``, ``gnn``, ``moco`` (unweighted values; 0.0 before
         their start step, when they are not computed), plus ``total``. The momentum keys of this batch
         are kept for :meth:`on_after_optimizer_step` (train mode only).
@@ -164,16 +185,17 @@ class AAHR(ScheduleMixin, nn.Module):
         txt = txt._replace(local=txt.local.float(), fused=txt.fused.float(), frags=txt.frags.float())
         base = self._trip(img.fused, txt.fused, ids, generator)
         total = base
-        parts = {"base": float(base.detach())}
+        zero = base.new_zeros(())
+        parts = {"base": base.detach()}
 
         if self.prototypes is not None:
             if step >= self.start_of("proto_start"):
                 # distributed: the local shard with a distributed Sinkhorn (value = global loss)
                 lp = self.prototypes(*(local_fused if local_fused is not None else (img.fused, txt.fused)))
                 total = total + cfg.proto_weight * lp
-                parts["proto"] = float(lp.detach())
+                parts["proto"] = lp.detach()
             else:
-                parts["proto"] = 0.0
+                parts["proto"] = zero
 
         v_hat = F.normalize(img.local, dim=-1)
         t_hat = F.normalize(txt.local, dim=-1)
@@ -183,9 +205,9 @@ class AAHR(ScheduleMixin, nn.Module):
                 lg = self._trip(v_hat, t_til, ids, generator) + self._trip(v_til, t_hat, ids, generator) \
                     + self._trip(v_til, t_til, ids, generator)
                 total = total + cfg.graph_weight * lg
-                parts["gnn"] = float(lg.detach())
+                parts["gnn"] = lg.detach()
             else:
-                parts["gnn"] = 0.0
+                parts["gnn"] = zero
 
         if keys is not None:
             k_v, k_t = keys
@@ -198,10 +220,10 @@ class AAHR(ScheduleMixin, nn.Module):
                     + queue_infonce(t_hat, k_v, self.queue_v.feats, tau=cfg.moco_tau, q_ids=ids,
                                     queue_ids=self.queue_v.ids, mask_same_image=mask)
                 total = total + cfg.moco_weight * lm
-                parts["moco"] = float(lm.detach())
+                parts["moco"] = lm.detach()
             else:
-                parts["moco"] = 0.0
-        parts["total"] = float(total.detach())
+                parts["moco"] = zero
+        parts["total"] = total.detach()
         # detached final embeddings of the (global) batch: the trainer's collapse check reads their spread
         return {"loss": total, "parts": parts, "embeddings": (img.fused.detach(), txt.fused.detach())}
 

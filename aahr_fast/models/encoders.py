@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from aahr_fast.backbones import TextBackbone, default_text_model
 from aahr_fast.models.config import ModelConfig
+from aahr_fast.ops import value_checks_enabled
 from aahr_fast.models.pooling import GatedFusion, GlobalGuidedPooling, lengths_to_mask, masked_mean, maxk_pool
 from aahr_fast.utils.errors import ConfigError, DataError
 
@@ -88,7 +89,7 @@ def check_fragments(x: torch.Tensor, lens: torch.Tensor, glob: Optional[torch.Te
     if lens.dtype.is_floating_point:
         raise DataError(f"batch lengths for {what!r}: expected an integer tensor, got {lens.dtype}")
     bad = (lens < 1) | (lens > x.shape[1])
-    if bool(bad.any()):
+    if value_checks_enabled(lens) and bool(bad.any()):  # host read: eager callers only (see aahr_fast.ops)
         i = int(bad.nonzero()[0, 0])
         raise DataError(f"batch lengths for {what!r}: item {i} has length {int(lens[i])}, expected 1..{x.shape[1]}")
     if glob is not None and (glob.dim() != 2 or glob.shape[0] != x.shape[0]):
@@ -127,16 +128,24 @@ class MaskedBatchNorm1d(nn.Module):
         if self.training:
             if mask is None:
                 flat = x.reshape(-1, x.shape[-1]).float()
+                cnt = flat.shape[0]
+                mean = flat.mean(dim=0)
+                var = flat.var(dim=0, unbiased=False)
+                corr = cnt / max(cnt - 1, 1)
             else:
-                flat = x[mask].float()                                        # (n_valid, C), stats in fp32
-            cnt = flat.shape[0]
-            if cnt == 0:
-                raise DataError(f"MaskedBatchNorm1d: no valid fragment in the training batch (x {tuple(x.shape)}, "
-                                f"mask all False): batch statistics would be NaN")
-            mean = flat.mean(dim=0)
-            var = flat.var(dim=0, unbiased=False)
+                # masked sums over the valid fragments (fixed shapes, no boolean gather, no host read)
+                xf = x.float()
+                m = mask.reshape(-1, 1).to(xf.dtype)                           # (B*N, 1)
+                flat = xf.reshape(-1, xf.shape[-1])
+                cnt = m.sum()
+                if value_checks_enabled(cnt) and not bool(cnt > 0):
+                    raise DataError(f"MaskedBatchNorm1d: no valid fragment in the training batch (x {tuple(x.shape)}, "
+                                    f"mask all False): batch statistics would be NaN")
+                mean = (flat * m).sum(0) / cnt
+                var = ((flat - mean) * m).square().sum(0) / cnt
+                corr = cnt / (cnt - 1).clamp_min(1)
             with torch.no_grad():
-                unbiased = var * (cnt / max(cnt - 1, 1))
+                unbiased = var * corr
                 self.running_mean.lerp_(mean.detach(), self.momentum)
                 self.running_var.lerp_(unbiased.detach(), self.momentum)
         else:

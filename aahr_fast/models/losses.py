@@ -65,7 +65,9 @@ def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tens
     ``s = anchor @ cand.T``, for every (anchor i, positive j) with ``ids[i] == ids[j]`` (the diagonal
     included) one negative ``k`` is drawn from :func:`dws_negative_probs` row ``i`` using ``generator``,
     and the loss is ``sum_(i,j) max(0, margin + s[i,k] - s[i,j])`` (summed, not averaged). An anchor
-    without any negative contributes 0.
+    without any negative contributes 0. The draw is inverse-CDF sampling of one uniform per (i, j) from
+    ``generator`` (when it is None or under ``torch.compile``: from the global RNG), with fixed shapes and no
+    host read.
 
     Args:
         anchor, cand: (B, D) float. ids: (B,) int64 image ids. generator: torch.Generator (any device;
@@ -79,16 +81,17 @@ def dws_triplet_oneway(anchor: torch.Tensor, cand: torch.Tensor, ids: torch.Tens
     s = anchor @ cand.t()                                              # (B, B)
     probs, has_neg = dws_negative_probs(s, ids, n=n, cutoff=cutoff, min_dist=min_dist)
     with torch.no_grad():
-        same = ids[:, None] == ids[None, :]
-        pa, pp = same.nonzero(as_tuple=True)                            # (P,) anchor / positive indices
-        keep = has_neg[pa]
-        pa, pp = pa[keep], pp[keep]
-    if pa.numel() == 0:
-        return s.sum() * 0.0
-    with torch.no_grad():
-        pk = torch.multinomial(probs[pa].to(generator.device), 1, replacement=True, generator=generator).squeeze(1)
-        pk = pk.to(s.device)
-    return (margin + s[pa, pk] - s[pa, pp]).clamp_min(0.0).sum()
+        # every (anchor i, positive j) pair draws one negative by inverse-CDF sampling of row i: fixed
+        # (B, B) shapes, no nonzero / host read, so the loss compiles into one graph and never syncs
+        pair = (ids[:, None] == ids[None, :]) & has_neg[:, None]         # (B, B) anchor-positive pairs
+        if generator is None or torch.compiler.is_compiling():  # Dynamo cannot take a Generator: global RNG
+            u = torch.rand(s.shape, device=s.device, dtype=torch.float32)
+        else:
+            u = torch.rand(s.shape, generator=generator, device=generator.device, dtype=torch.float32).to(s.device)
+        cdf = probs.double().cumsum(dim=1)  # float64 sums (as torch.multinomial's): boundaries stable to rounding
+        k = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).clamp_max(s.shape[1] - 1)   # (B, B)
+    hinge = (margin + s.gather(1, k) - s).clamp_min(0.0)
+    return torch.where(pair, hinge, 0.0).sum()
 
 
 def dws_triplet(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, *,

@@ -67,11 +67,27 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._count_host: int | None = None   # host mirror of count (see is_full)
+        self._ptr_host: int | None = None     # host mirror of ptr (see enqueue)
+        self._full_host = False
 
     @property
     def is_full(self) -> bool:
-        """True once ``size`` keys have been written in total (the queue has been filled once)."""
-        return int(self.count) >= self.size
+        """True once ``size`` keys have been written in total (the queue has been filled once).
+
+        Answered from a host-side mirror of ``count`` (read from the buffer once, after construction or a
+        state-dict load, then advanced by :meth:`enqueue`), so the training step never reads it from the device.
+        """
+        if not self._full_host:  # once full, a queue stays full: compiled steps guard on this one bool
+            if self._count_host is None:
+                self._count_host = int(self.count)
+            self._full_host = self._count_host >= self.size
+        return self._full_host
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._count_host = self._ptr_host = None
+        self._full_host = False
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
@@ -89,14 +105,19 @@ class FeatureQueue(nn.Module):
             return
         keys = keys.detach().to(self.feats.dtype)
         ids = ids.to(self.ids.device, torch.long)
-        start = int(self.ptr) + max(n - self.size, 0)
+        ptr = self._ptr_host if self._ptr_host is not None else int(self.ptr)
+        start = ptr + max(n - self.size, 0)
         if n > self.size:
             keys, ids = keys[-self.size:], ids[-self.size:]
         idx = (torch.arange(keys.shape[0], device=self.feats.device) + start) % self.size
         self.feats[idx] = keys
         self.ids[idx] = ids
-        self.ptr.fill_((int(self.ptr) + n) % self.size)
+        self._ptr_host = (ptr + n) % self.size   # host mirror: no device read on the next enqueue
+        self.ptr.fill_(self._ptr_host)
         self.count.add_(n)
+        if self._count_host is not None:
+            self._count_host += n
+            self._full_host = self._full_host or self._count_host >= self.size
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

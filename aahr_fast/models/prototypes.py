@@ -49,6 +49,11 @@ class Prototypes(nn.Module):
         self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
         self._normalized_version = self.weight._version
 
+    def renormalize_if_changed(self) -> None:
+        """Renormalise the prototypes when the parameter changed since the last normalisation."""
+        if self.weight._version != self._normalized_version:
+            self.normalize_()
+
     def forward(self, f_v: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         if f_v.dim() != 2 or f_v.shape != f_t.shape or f_v.shape[1] != self.weight.shape[1]:
             raise DataError(f"Prototypes: expected f_v, f_t of shape (B, {self.weight.shape[1]}), got "
@@ -57,8 +62,8 @@ class Prototypes(nn.Module):
             # renormalise only when the parameter changed since the last normalisation (an optimiser
             # step or a checkpoint load bumps its version): a second forward before backward (gradient
             # accumulation) must not modify a tensor the first graph saved
-            if self.weight._version != self._normalized_version:
-                self.normalize_()
+            if not torch.compiler.is_compiling():  # compiled callers run AAHR.prepare_step() eagerly first
+                self.renormalize_if_changed()
             protos = self.weight
         else:   # eval (e.g. a validation loss): leave the parameter untouched
             protos = F.normalize(self.weight, dim=1)

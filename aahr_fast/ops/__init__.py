@@ -2,8 +2,10 @@
 
 Each op validates its inputs once, picks a backend (``backend=`` argument > ``AAHR_OPS_BACKEND`` >
 default by device and availability; see :mod:`aahr_fast.ops._dispatch`) and runs that backend's
-implementation, which is differentiable through its own ``torch.autograd.Function`` (the reference
-through plain autograd). Contracts: docs/DESIGN.md, "Ops contract".
+implementation. The C++ kernels are registered PyTorch operators (``torch.ops.aahr.<op>_cpp``: schema, fake
+implementation, registered autograd; :mod:`aahr_fast.ops._library`), so the ops compile with
+``torch.compile(fullgraph=True)``; the Triton and CUDA backends are differentiable through their own
+``torch.autograd.Function``, the reference through plain autograd. Contracts: docs/DESIGN.md, "Ops contract".
 
 Cross similarity (:mod:`.cross_similarity`): :func:`fragment_word_relevance`, :func:`hard_assignment_similarity`.
 Instance correlation (:mod:`.correlation`): :func:`intra_relevance`, :func:`topk_connection`,
@@ -25,10 +27,6 @@ from .correlation import Correlation, instance_correlation, intra_relevance, top
 from .cross_similarity import fragment_word_relevance, hard_assignment_similarity
 from .message_passing import gcn_layer, masked_attention
 from .prototypes import sinkhorn, swapped_prediction_loss
-
-# The C++ CPU backends of the correlation, message-passing and prototype families live in
-# aahr_fast/ops/_cpp_<family>.py (they register themselves when the dispatcher imports them).
-_dispatch.add_plugin_module("cpp", "aahr_fast.ops._cpp_{family}")
 
 __all__ = [
     "BACKENDS",

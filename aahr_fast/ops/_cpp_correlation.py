@@ -16,12 +16,11 @@ float32 and float64 run in C++; other floating dtypes (float16, bfloat16) fall b
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _ext
 from ._dispatch import register
+from ._library import fused_op, grad_or_none, placeholder
 from .correlation import (
     Correlation,
     connection_count,
@@ -36,45 +35,110 @@ _CPP_DTYPES = _ext.CPP_DTYPES
 _lib = _ext.ops_namespace
 
 
-class _IntraRelevanceFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        x = x.contiguous()
-        rel, dist = _lib().corr_intra_relevance_fwd(x, sigma)
-        ctx.save_for_backward(x, rel, dist)
-        ctx.sigma = sigma
-        return rel
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, rel, dist = ctx.saved_tensors
-        gx = _lib().corr_intra_relevance_bwd(grad, x, rel, dist, ctx.sigma) if ctx.needs_input_grad[0] else None
-        return gx, None
+# ------------------------------------------------------------------ registered operators (aahr::*_cpp)
+def _intra_fwd(x, sigma):
+    return _lib().corr_intra_relevance_fwd(x.contiguous(), sigma)
 
 
-class _InstanceCorrelationFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, t, rel_i2t, rel_t2i, score_v, score_t, sigma, k, lam):
-        ctx.set_materialize_grads(False)
-        v, t = v.contiguous(), t.contiguous()
-        rel, conn, bias, dist_v, dist_t = _lib().corr_instance_fwd(
-            v, t, score_v, score_t, rel_i2t, rel_t2i, sigma, k, k, lam
-        )
-        ctx.save_for_backward(v, t, rel, conn, dist_v, dist_t)
-        ctx.sigma, ctx.lam = sigma, lam
-        ctx.mark_non_differentiable(conn)
-        return rel, conn, bias
+def _intra_fwd_fake(x, sigma):
+    b = x.shape[0]
+    return x.new_empty((b, b)), x.new_empty((b, b))
 
-    @staticmethod
-    def backward(ctx, g_rel: Optional[torch.Tensor], _g_conn, g_bias: Optional[torch.Tensor]):
-        need_v, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if (g_rel is None and g_bias is None) or not (need_v or need_t):
-            return (None,) * 9
-        v, t, rel, conn, dist_v, dist_t = ctx.saved_tensors
-        gv, gt, _, _ = _lib().corr_instance_bwd(
-            g_rel, g_bias, v, t, rel, conn, dist_v, dist_t, ctx.sigma, ctx.lam, [need_v, need_t, False, False]
-        )
-        return (gv if need_v else None, gt if need_t else None) + (None,) * 7
+
+def _intra_bwd(grad, x, rel, dist, sigma):
+    return _lib().corr_intra_relevance_bwd(grad.contiguous(), x.contiguous(), rel, dist, sigma)
+
+
+def _intra_bwd_fake(grad, x, rel, dist, sigma):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+#: ``aahr::intra_relevance_cpp(x (B, D), sigma) -> (rel (B, B), dist (B, B))``; dist is kept for the backward.
+intra_relevance_op = fused_op("intra_relevance_cpp", "(Tensor x, float sigma) -> (Tensor, Tensor)",
+                              _intra_fwd, _intra_fwd_fake, device_types="cpu")
+intra_relevance_backward_op = fused_op(
+    "intra_relevance_cpp_backward", "(Tensor grad, Tensor x, Tensor rel, Tensor dist, float sigma) -> Tensor",
+    _intra_bwd, _intra_bwd_fake, device_types="cpu")
+
+
+def _intra_setup(ctx, inputs, output):
+    x, sigma = inputs
+    rel, dist = output
+    ctx.save_for_backward(x, rel, dist)
+    ctx.sigma = sigma
+
+
+def _intra_grad(ctx, g_rel, _g_dist):
+    x, rel, dist = ctx.saved_tensors
+    if g_rel is None or not ctx.needs_input_grad[0]:
+        return None, None
+    return intra_relevance_backward_op(g_rel, x, rel, dist, ctx.sigma), None
+
+
+intra_relevance_op.register_autograd(_intra_grad, setup_context=_intra_setup)
+
+
+#: ``aahr::topk_connection_cpp(scores (B, B'), k) -> bool (B, B')``; no gradient (boolean output).
+topk_connection_op = fused_op(
+    "topk_connection_cpp", "(Tensor scores, int k) -> Tensor",
+    lambda scores, k: _lib().corr_topk_connection(scores, k),
+    lambda scores, k: scores.new_empty(scores.shape, dtype=torch.bool), device_types="cpu")
+
+
+def _inst_fwd(v, t, rel_i2t, rel_t2i, score_v, score_t, sigma, k, lam):
+    return tuple(_lib().corr_instance_fwd(v.contiguous(), t.contiguous(), score_v, score_t, rel_i2t, rel_t2i,
+                                          sigma, k, k, lam))
+
+
+def _inst_fwd_fake(v, t, rel_i2t, rel_t2i, score_v, score_t, sigma, k, lam):
+    b = v.shape[0]
+    return (v.new_empty((2 * b, 2 * b)), v.new_empty((2 * b, 2 * b), dtype=torch.bool),
+            v.new_empty((2 * b, 2 * b)), v.new_empty((b, b)), v.new_empty((b, b)))
+
+
+def _inst_bwd(g_rel, g_bias, v, t, rel, conn, dist_v, dist_t, sigma, lam, needs):
+    gv, gt, _, _ = _lib().corr_instance_bwd(g_rel, g_bias, v.contiguous(), t.contiguous(), rel, conn, dist_v,
+                                            dist_t, sigma, lam, [needs[0], needs[1], False, False])
+    return (gv if needs[0] else placeholder(v)), (gt if needs[1] else placeholder(t))
+
+
+def _inst_bwd_fake(g_rel, g_bias, v, t, rel, conn, dist_v, dist_t, sigma, lam, needs):
+    return (torch.empty_like(v) if needs[0] else placeholder(v)), (torch.empty_like(t) if needs[1] else placeholder(t))
+
+
+#: ``aahr::instance_correlation_cpp(v, t, rel_i2t, rel_t2i, score_v, score_t, sigma, k, lam)
+#: -> (relevance, connection, attn_bias (2B, 2B), dist_v, dist_t (B, B))``.
+instance_correlation_op = fused_op(
+    "instance_correlation_cpp",
+    "(Tensor v, Tensor t, Tensor rel_i2t, Tensor rel_t2i, Tensor score_v, Tensor score_t, float sigma, int k, "
+    "float lam) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _inst_fwd, _inst_fwd_fake, device_types="cpu")
+instance_correlation_backward_op = fused_op(
+    "instance_correlation_cpp_backward",
+    "(Tensor? g_rel, Tensor? g_bias, Tensor v, Tensor t, Tensor rel, Tensor conn, Tensor dist_v, Tensor dist_t, "
+    "float sigma, float lam, bool[] needs) -> (Tensor, Tensor)",
+    _inst_bwd, _inst_bwd_fake, device_types="cpu")
+
+
+def _inst_setup(ctx, inputs, output):
+    v, t = inputs[0], inputs[1]
+    rel, conn, _bias, dist_v, dist_t = output
+    ctx.save_for_backward(v, t, rel, conn, dist_v, dist_t)
+    ctx.sigma, ctx.lam = inputs[6], inputs[8]
+    ctx.mark_non_differentiable(conn, dist_v, dist_t)
+
+
+def _inst_grad(ctx, g_rel, _g_conn, g_bias, _g_dv, _g_dt):
+    need_v, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if (g_rel is None and g_bias is None) or not (need_v or need_t):
+        return (None,) * 9
+    v, t, rel, conn, dist_v, dist_t = ctx.saved_tensors
+    gv, gt = instance_correlation_backward_op(g_rel, g_bias, v, t, rel, conn, dist_v, dist_t, ctx.sigma, ctx.lam,
+                                              [need_v, need_t])
+    return (grad_or_none(gv, need_v), grad_or_none(gt, need_t)) + (None,) * 7
+
+
+instance_correlation_op.register_autograd(_inst_grad, setup_context=_inst_setup)
 
 
 def intra_relevance_cpp(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -85,14 +149,14 @@ def intra_relevance_cpp(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """
     if x.dtype not in _CPP_DTYPES:
         return intra_relevance_reference(x, sigma)
-    return _IntraRelevanceFn.apply(x, float(sigma))
+    return intra_relevance_op(x, float(sigma))[0]
 
 
 def topk_connection_cpp(scores: torch.Tensor, rho: float = 0.5) -> torch.Tensor:
     """C++ implementation of :func:`aahr_fast.ops.topk_connection`: (B, B') bool, O(B') per row (nth_element)."""
     if scores.dtype not in _CPP_DTYPES:
         return topk_connection_reference(scores, rho)
-    return _lib().corr_topk_connection(scores.detach(), connection_count(rho, scores.shape[1]))
+    return topk_connection_op(scores.detach(), connection_count(rho, scores.shape[1]))
 
 
 def instance_correlation_cpp(
@@ -117,7 +181,7 @@ def instance_correlation_cpp(
         score_v = v @ v.t()
         score_t = t @ t.t()
     k = connection_count(rho, v.shape[0])
-    rel, conn, bias = _InstanceCorrelationFn.apply(
+    rel, conn, bias, _, _ = instance_correlation_op(
         v, t, rel_i2t.detach(), rel_t2i.detach(), score_v, score_t, float(sigma), k, float(lam)
     )
     return Correlation(rel, conn, bias)

@@ -24,6 +24,7 @@ import torch
 
 from . import _ext
 from ._dispatch import register
+from ._library import fresh, fused_op, grad_or_none, placeholder
 from .message_passing import gcn_layer_reference, masked_attention_reference
 
 __all__ = ["gcn_layer_cpp", "masked_attention_cpp"]
@@ -32,39 +33,112 @@ _CPP_DTYPES = _ext.CPP_DTYPES
 _lib = _ext.ops_namespace
 
 
-class _GCNLayerFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, adj, x, weight, bias, slope):
-        out, mid, pre = _lib().mp_gcn_fwd(adj, x, weight, bias, slope)
-        act = pre if slope < 0 else out  # the mask is act > 0 either way
-        ctx.save_for_backward(adj, x, weight, mid, act)
-        ctx.slope, ctx.has_bias = slope, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        adj, x, weight, mid, act = ctx.saved_tensors
-        na, nx, nw, nb = ctx.needs_input_grad[:4]
-        ga, gx, gw, gb = _lib().mp_gcn_bwd(grad, adj, x, weight, mid, act, ctx.slope, [na, nx, nw, nb and ctx.has_bias])
-        return (ga if na else None, gx if nx else None, gw if nw else None,
-                gb if (nb and ctx.has_bias) else None, None)
+# ------------------------------------------------------------------ registered operators (aahr::*_cpp)
+def _gcn_fwd(adj, x, weight, bias, slope):
+    out, mid, pre = _lib().mp_gcn_fwd(adj, x, weight, bias, slope)
+    return out, mid, fresh(pre, out)
 
 
-class _MaskedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias):
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out, probs = _lib().mp_attn_fwd(q, k, v, bias, scale)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale, ctx.per_head = scale, bias.dim() == 3
-        return out
+def _gcn_fwd_fake(adj, x, weight, bias, slope):
+    n, din, dout = x.shape[0], x.shape[1], weight.shape[1]
+    mid = x.new_empty((n, dout) if dout <= din else (n, din))
+    return x.new_empty((n, dout)), mid, (x.new_empty((n, dout)) if slope < 0 else placeholder(x))
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, probs = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:4])
-        dq, dk, dv, db = _lib().mp_attn_bwd(grad, q, k, v, probs, ctx.scale, ctx.per_head, needs)
-        return tuple(g if n else None for g, n in zip((dq, dk, dv, db), needs))
+
+def _gcn_bwd(grad, adj, x, weight, mid, act, slope, needs):
+    outs = _lib().mp_gcn_bwd(grad.contiguous(), adj, x, weight, mid, act, slope, list(needs))
+    likes = (adj, x, weight, act)
+    return tuple(o if n and o is not None and o.numel() else placeholder(lk) for o, n, lk in zip(outs, needs, likes))
+
+
+def _gcn_bwd_fake(grad, adj, x, weight, mid, act, slope, needs):
+    shapes = (adj.shape, x.shape, weight.shape, (weight.shape[1],))
+    return tuple(x.new_empty(sh) if n else placeholder(x) for sh, n in zip(shapes, needs))
+
+
+#: ``aahr::gcn_layer_cpp(adj (n, n), x (n, Din), weight (Din, Dout), bias?, slope) -> (out (n, Dout), mid, pre)``;
+#: ``mid`` is x W (n, Dout) when Dout <= Din else adj x (n, Din); ``pre`` the pre-activation when slope < 0.
+gcn_layer_op = fused_op(
+    "gcn_layer_cpp", "(Tensor adj, Tensor x, Tensor weight, Tensor? bias, float slope) -> (Tensor, Tensor, Tensor)",
+    _gcn_fwd, _gcn_fwd_fake, device_types="cpu")
+gcn_layer_backward_op = fused_op(
+    "gcn_layer_cpp_backward",
+    "(Tensor grad, Tensor adj, Tensor x, Tensor weight, Tensor mid, Tensor act, float slope, bool[] needs) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _gcn_bwd, _gcn_bwd_fake, device_types="cpu")
+
+
+def _gcn_setup(ctx, inputs, output):
+    adj, x, weight, bias, slope = inputs
+    out, mid, pre = output
+    act = pre if slope < 0 else out  # the mask is act > 0 either way
+    ctx.save_for_backward(adj, x, weight, mid, act)
+    ctx.slope, ctx.has_bias = slope, bias is not None
+    ctx.mark_non_differentiable(mid, pre)
+
+
+def _gcn_grad(ctx, grad, _g_mid, _g_pre):
+    adj, x, weight, mid, act = ctx.saved_tensors
+    na, nx, nw, nb = ctx.needs_input_grad[:4]
+    needs = [na, nx, nw, nb and ctx.has_bias]
+    if grad is None or not any(needs):
+        return (None,) * 5
+    ga, gx, gw, gb = gcn_layer_backward_op(grad, adj, x, weight, mid, act, ctx.slope, needs)
+    return grad_or_none(ga, needs[0]), grad_or_none(gx, needs[1]), grad_or_none(gw, needs[2]), \
+        grad_or_none(gb, needs[3]), None
+
+
+gcn_layer_op.register_autograd(_gcn_grad, setup_context=_gcn_setup)
+
+
+def _attn_fwd(q, k, v, bias, scale):
+    return tuple(_lib().mp_attn_fwd(q, k, v, bias, scale))
+
+
+def _attn_fwd_fake(q, k, v, bias, scale):
+    h, n = q.shape[0], q.shape[1]
+    return q.new_empty((h, n, v.shape[2])), q.new_empty((h, n, k.shape[1]))
+
+
+def _attn_bwd(grad, q, k, v, probs, scale, per_head, needs):
+    outs = _lib().mp_attn_bwd(grad.contiguous(), q, k, v, probs, scale, per_head, list(needs))
+    return tuple(o if need and o is not None and o.numel() else placeholder(q) for o, need in zip(outs, needs))
+
+
+def _attn_bwd_fake(grad, q, k, v, probs, scale, per_head, needs):
+    n = q.shape[1]
+    shapes = (q.shape, k.shape, v.shape, (q.shape[0], n, n) if per_head else (n, n))
+    return tuple(q.new_empty(sh) if need else placeholder(q) for sh, need in zip(shapes, needs))
+
+
+#: ``aahr::masked_attention_cpp(q, k, v (H, n, dh), bias (n, n) | (H, n, n), scale) -> (out (H, n, dh), probs (H, n, n))``.
+masked_attention_op = fused_op(
+    "masked_attention_cpp", "(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> (Tensor, Tensor)",
+    _attn_fwd, _attn_fwd_fake, device_types="cpu")
+masked_attention_backward_op = fused_op(
+    "masked_attention_cpp_backward",
+    "(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs, float scale, bool per_head, bool[] needs) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _attn_bwd, _attn_bwd_fake, device_types="cpu")
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, bias, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale, ctx.per_head = scale, bias.dim() == 3
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attn_grad(ctx, grad, _g_probs):
+    q, k, v, probs = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    if grad is None or not any(needs):
+        return (None,) * 5
+    outs = masked_attention_backward_op(grad, q, k, v, probs, ctx.scale, ctx.per_head, needs)
+    return tuple(grad_or_none(g, n) for g, n in zip(outs, needs)) + (None,)
+
+
+masked_attention_op.register_autograd(_attn_grad, setup_context=_attn_setup)
 
 
 def gcn_layer_cpp(
@@ -81,7 +155,7 @@ def gcn_layer_cpp(
     """
     if x.dtype not in _CPP_DTYPES:
         return gcn_layer_reference(adj, x, weight, bias, negative_slope)
-    return _GCNLayerFn.apply(adj, x, weight, bias, float(negative_slope))
+    return gcn_layer_op(adj, x, weight, bias, float(negative_slope))[0]
 
 
 def masked_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -93,7 +167,7 @@ def masked_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     """
     if q.dtype not in _CPP_DTYPES:
         return masked_attention_reference(q, k, v, bias)
-    return _MaskedAttentionFn.apply(q, k, v, bias)
+    return masked_attention_op(q, k, v, bias, 1.0 / math.sqrt(q.shape[-1]))[0]
 
 
 register("gcn_layer", "cpp", gcn_layer_cpp)

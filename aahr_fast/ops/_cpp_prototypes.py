@@ -24,6 +24,7 @@ import torch
 
 from . import _ext
 from ._dispatch import register
+from ._library import fused_op, grad_or_none, placeholder
 from .prototypes import swapped_prediction_loss_reference
 
 __all__ = ["sinkhorn_cpp", "swapped_prediction_loss_cpp"]
@@ -32,21 +33,63 @@ _CPP_DTYPES = _ext.CPP_DTYPES
 _lib = _ext.ops_namespace
 
 
-class _SwappedPredictionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
-        loss, dscores = _lib().proto_swap_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau, 1.0)
-        ctx.save_for_backward(dscores, x_v, x_t, prototypes)
-        return loss
+# ------------------------------------------------------------------ registered operators (aahr::*_cpp)
+#: ``aahr::sinkhorn_cpp(scores (B, K), eps, n_iters) -> codes (B, K)``; no gradient flows to the scores.
+sinkhorn_op = fused_op(
+    "sinkhorn_cpp", "(Tensor scores, float eps, int n_iters) -> Tensor",
+    lambda scores, eps, n_iters: _lib().proto_sinkhorn(scores, eps, n_iters),
+    lambda scores, eps, n_iters: torch.empty_like(scores, memory_format=torch.contiguous_format),
+    device_types="cpu")
 
-    @staticmethod
-    def backward(ctx, grad):
-        dscores, x_v, x_t, prototypes = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:3])
-        if not any(needs):
-            return (None,) * 8
-        gv, gt, gc = _lib().proto_swap_bwd(grad, dscores, x_v, x_t, prototypes, needs)
-        return (gv if needs[0] else None, gt if needs[1] else None, gc if needs[2] else None) + (None,) * 5
+
+def _swap_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
+    return tuple(_lib().proto_swap_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau, 1.0))
+
+
+def _swap_fwd_fake(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
+    return x_v.new_empty(()), x_v.new_empty((2 * x_v.shape[0], prototypes.shape[0]))
+
+
+def _swap_bwd(grad, dscores, x_v, x_t, prototypes, needs):
+    outs = list(_lib().proto_swap_bwd(grad, dscores, x_v, x_t, prototypes, list(needs)))
+    if needs[0] and needs[1] and outs[0].untyped_storage().data_ptr() == outs[1].untyped_storage().data_ptr():
+        outs[1] = outs[1].clone()  # the kernel writes both (B, D) blocks of one GEMM; outputs must not alias
+    return tuple(o if n and o is not None and o.numel() else placeholder(x_v) for o, n in zip(outs, needs))
+
+
+def _swap_bwd_fake(grad, dscores, x_v, x_t, prototypes, needs):
+    return tuple(x_v.new_empty(t.shape) if n else placeholder(x_v) for t, n in zip((x_v, x_t, prototypes), needs))
+
+
+#: ``aahr::swapped_prediction_loss_cpp(x_v, x_t (B, D), prototypes (K, D), queue_v?, queue_t?, eps, n_iters, tau)
+#: -> (loss (), dscores (2B, K))``; dscores (the closed-form score gradient) is kept for the backward.
+swapped_prediction_loss_op = fused_op(
+    "swapped_prediction_loss_cpp",
+    "(Tensor x_v, Tensor x_t, Tensor prototypes, Tensor? queue_v, Tensor? queue_t, float eps, int n_iters, "
+    "float tau) -> (Tensor, Tensor)",
+    _swap_fwd, _swap_fwd_fake, device_types="cpu")
+swapped_prediction_loss_backward_op = fused_op(
+    "swapped_prediction_loss_cpp_backward",
+    "(Tensor grad, Tensor dscores, Tensor x_v, Tensor x_t, Tensor prototypes, bool[] needs) -> (Tensor, Tensor, Tensor)",
+    _swap_bwd, _swap_bwd_fake, device_types="cpu")
+
+
+def _swap_setup(ctx, inputs, output):
+    x_v, x_t, prototypes = inputs[:3]
+    ctx.save_for_backward(output[1], x_v, x_t, prototypes)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _swap_grad(ctx, grad, _g_ds):
+    dscores, x_v, x_t, prototypes = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    if grad is None or not any(needs):
+        return (None,) * 8
+    gv, gt, gc = swapped_prediction_loss_backward_op(grad, dscores, x_v, x_t, prototypes, needs)
+    return (grad_or_none(gv, needs[0]), grad_or_none(gt, needs[1]), grad_or_none(gc, needs[2])) + (None,) * 5
+
+
+swapped_prediction_loss_op.register_autograd(_swap_grad, setup_context=_swap_setup)
 
 
 @torch.no_grad()
@@ -60,7 +103,7 @@ def sinkhorn_cpp(scores: torch.Tensor, eps: float = 0.1, n_iters: int = 3) -> to
     out_dtype = s.dtype
     if s.dtype not in _CPP_DTYPES:
         s = s.float()
-    return _lib().proto_sinkhorn(s, float(eps), int(n_iters)).to(out_dtype)
+    return sinkhorn_op(s, float(eps), int(n_iters)).to(out_dtype)
 
 
 def swapped_prediction_loss_cpp(
@@ -84,7 +127,7 @@ def swapped_prediction_loss_cpp(
                                                  queue_v=queue_v, queue_t=queue_t)
     qv = queue_v.detach() if queue_v is not None else None
     qt = queue_t.detach() if queue_t is not None else None
-    return _SwappedPredictionFn.apply(x_v, x_t, prototypes, qv, qt, float(eps), int(n_iters), float(tau))
+    return swapped_prediction_loss_op(x_v, x_t, prototypes, qv, qt, float(eps), int(n_iters), float(tau))[0]
 
 
 register("sinkhorn", "cpp", sinkhorn_cpp)

@@ -21,11 +21,12 @@ Plugging in a backend (other engineers do this without editing this file):
 * call :func:`register` (``register(op, backend, fn, supports=None)``) at import time of the module
   that holds the implementation. ``fn`` takes exactly the reference's arguments (already validated by
   the public op: lengths are int64 on the tensors' device, dtypes agree) and returns the same outputs,
-  differentiable through its own ``torch.autograd.Function``. ``supports(**kwargs) -> bool`` may
+  differentiable through registered operators (:func:`aahr_fast.ops._library.fused_op` + ``register_autograd``;
+  what ``torch.compile`` needs) or its own ``torch.autograd.Function``. ``supports(**kwargs) -> bool`` may
   decline some option combinations (the default selection then uses the reference; a forced backend
   raises).
-* put that module where the dispatcher imports it on first use: ``aahr_fast.ops.<family>_cpp`` (cpp),
-  ``aahr_fast.kernels.<family>`` (triton), ``aahr_fast.ops.<family>_cuda`` (cuda), where ``<family>`` is
+* put that module where the dispatcher imports it on first use: ``aahr_fast.ops._cpp_<family>`` (cpp),
+  ``aahr_fast.kernels.<family>`` (triton), ``aahr_fast.ops._cuda_<family>`` (cuda), where ``<family>`` is
   the op's module (``cross_similarity``, ``correlation``, ``message_passing``, ``prototypes``; see
   :data:`OP_FAMILY`). :func:`add_plugin_module` adds further module templates.
 """
@@ -61,9 +62,9 @@ OP_FAMILY = {
 #: backend -> module templates imported (once) before that backend is looked up for an op.
 _PLUGIN_TEMPLATES: dict[str, list[str]] = {
     "reference": [],
-    "cpp": ["aahr_fast.ops.{family}_cpp"],
+    "cpp": ["aahr_fast.ops._cpp_{family}"],
     "triton": ["aahr_fast.kernels.{family}"],
-    "cuda": ["aahr_fast.ops.{family}_cuda"],
+    "cuda": ["aahr_fast.ops._cuda_{family}"],
 }
 
 
@@ -143,7 +144,7 @@ def _import_plugins(op: str, backend: str) -> None:
 
 
 def _devices(tensors: Iterable) -> set[str]:
-    return {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    return {t.device.type for t in tensors if isinstance(t, torch.Tensor) or type(t).__name__ == "_DeviceOnly"}
 
 
 def _triton_interpreter() -> bool:
@@ -221,7 +222,10 @@ def resolve_backend(name: Optional[str], *tensors, op: str, options: Optional[di
     """
     if op not in OP_FAMILY:
         raise ConfigError(f"unknown op {op!r}; expected one of {sorted(OP_FAMILY)}")
-    options = options or {}
+    return _resolve_devices(name, tensors, op, options or {})
+
+
+def _resolve_devices(name: Optional[str], tensors, op: str, options: dict) -> str:
     devs = _devices(tensors)
     if len(devs) > 1:
         raise ValueError(f"{op}: all tensors must be on one device type, got {sorted(devs)}")
@@ -268,6 +272,32 @@ def get_impl(op: str, backend: str) -> Callable:
 
 
 def dispatch(op: str, backend: Optional[str], *tensors, options: Optional[dict] = None) -> tuple[str, Callable]:
-    """``(resolved backend name, implementation)`` for ``op`` on ``tensors``; see :func:`resolve_backend`."""
+    """``(resolved backend name, implementation)`` for ``op`` on ``tensors``; see :func:`resolve_backend`.
+
+    Under ``torch.compile`` the choice is made once per (op, backend argument, device types, options) at trace
+    time by :func:`_resolve_traced`, a constant for Dynamo (no locks, imports or environment reads are traced),
+    so the public ops compile with ``fullgraph=True``; the compiled graph then calls the registered operators.
+    """
+    if torch.compiler.is_compiling():
+        devs = tuple(sorted({t.device.type for t in tensors if isinstance(t, torch.Tensor)}))
+        opts = tuple(sorted((options or {}).items()))
+        name = _resolve_traced(op, backend, devs, opts)
+        return name, _REGISTRY[op][name].fn
     name = resolve_backend(backend, *tensors, op=op, options=options)
     return name, get_impl(op, name)
+
+
+class _DeviceOnly:
+    """Stands in for a tensor in :func:`resolve_backend` (only ``.device.type`` is read)."""
+
+    def __init__(self, device_type: str):
+        self.device = torch.device(device_type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(op: str, backend: Optional[str], device_types: tuple, options: tuple) -> str:
+    """:func:`resolve_backend` from device types and option items, evaluated eagerly while Dynamo traces."""
+    with _LOCK:
+        name = _resolve_devices(backend, [_DeviceOnly(d) for d in device_types], op, dict(options))
+        _import_plugins(op, name)
+    return name

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..utils.errors import ConfigError, DataError
-from ._common import check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype
+from ._common import check_nonempty, check_positive, check_same_device, check_tensor, common_float_dtype, \
+    value_checks_enabled
 from ._dispatch import dispatch, register
 
 __all__ = [
@@ -95,8 +96,9 @@ def instance_correlation_reference(
 def _check_no_nan(op: str, name: str, x: torch.Tensor) -> None:
     """Raise DataError naming the first NaN of ``x`` (row-major); one reduction and one host sync when
     there is none (a NaN makes the sum NaN; the exact scan runs only then, so +inf and -inf together
-    cannot raise). Values of ``meta`` tensors cannot be read and are not checked."""
-    if x.device.type == "meta":
+    cannot raise). A host-reading value check: skipped where :func:`~aahr_fast.ops.value_checks_enabled` says so
+    (compiled, meta / fake tensors, ``value_checks(False)``, ``AAHR_OPS_VALUE_CHECKS=0``)."""
+    if not value_checks_enabled(x):
         return
     with torch.no_grad():
         if not bool(torch.isnan(x.sum())):

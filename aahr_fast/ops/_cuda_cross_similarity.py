@@ -1,6 +1,6 @@
 """The ``"cuda"`` backend of the cross-similarity ops: autograd glue around the CUDA kernels.
 
-Plugin module of :mod:`aahr_fast.ops._dispatch` (the dispatcher imports ``aahr_fast.ops.<family>_cuda``
+Plugin module of :mod:`aahr_fast.ops._dispatch` (the dispatcher imports ``aahr_fast.ops._cuda_<family>``
 for the cuda backend). Kernels: ``csrc/cuda/cross_similarity.cu`` (torch-free), bound by
 ``csrc/cuda/cuda_ops_binding.cpp`` as ``torch.ops.aahr_fast.xsim_cuda_forward`` / ``xsim_cuda_backward``;
 both are built into the one extension by :mod:`aahr_fast.ops._ext` only when torch has CUDA.
