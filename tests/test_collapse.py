@@ -41,6 +41,14 @@ def _cfg(model=None, schedule=None, **run):
     return validate_config(config_from_dict(data))
 
 
+def _armed(real, state, from_step):
+    def step_fn(batch, step, generator):
+        state["armed"] = step >= from_step
+        return real(batch, step, generator)
+
+    return step_fn
+
+
 def _collapsing_builder(from_step: int):
     """build_model whose encoders (query and momentum key encoders) output constant fragments and
     embeddings from iteration ``from_step`` (0-based) on: every image and caption maps to the same vector."""
@@ -65,13 +73,10 @@ def _collapsing_builder(from_step: int):
         for name in ("img_enc", "txt_enc", "img_key", "txt_key"):
             if getattr(model, name, None) is not None:
                 constant(getattr(model, name))
-        real_step = model.training_step
-
-        def training_step(batch, step, generator):
-            state["armed"] = step >= from_step
-            return real_step(batch, step, generator)
-
-        model.training_step = training_step
+        # the trainer calls training_losses (AAHR, no host reads) or training_step (the baselines): arm both
+        for method in ("training_losses", "training_step"):
+            if hasattr(model, method):
+                setattr(model, method, _armed(getattr(model, method), state, from_step))
         return model
 
     return build
@@ -118,13 +123,16 @@ def test_a_loss_stuck_at_a_constant_is_caught_without_embeddings(toy_dir, tmp_pa
 
     def build(mcfg, dims):
         model = build_model(mcfg, dims)
-        real = model.training_step
+        for method in ("training_losses", "training_step"):
+            if hasattr(model, method):
+                real = getattr(model, method)
 
-        def training_step(batch, step, generator):
-            out = real(batch, step, generator)
-            return {"loss": out["loss"] * 0 + 3.2, "parts": {"total": 3.2}}
+                def stuck(batch, step, generator, real=real, method=method):
+                    out = real(batch, step, generator)
+                    total = out["loss"].detach() * 0 + 3.2 if method == "training_losses" else 3.2
+                    return {"loss": out["loss"] * 0 + 3.2, "parts": {"total": total}}
 
-        model.training_step = training_step
+                setattr(model, method, stuck)
         return model
 
     cfg = _cfg(schedule={"epochs": 1, "decay_epochs": [], "max_steps_per_epoch": 6}, collapse_patience=0)
