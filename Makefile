@@ -55,9 +55,7 @@ test-latest:
 	@test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH_PIN)" -e ".[test]"
 	@$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
-	@echo "versions that differ from $(LOCK):"; \
-		grep -v '^\s*#' $(LOCK) | sed 's/ *;.*//' | grep '==' | sort -f > $(LATEST_VENV)/locked.txt; \
-		sort -f $(LATEST_VENV)/versions.txt | diff $(LATEST_VENV)/locked.txt - | grep '^[<>]' || echo "  (none)"
+	@$(PYTHON) tools/setup_env.py drift $(LOCK) $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 clean:

@@ -105,3 +105,16 @@ def test_install_keeps_a_foreign_torch_and_drops_only_its_pins(tmp_path, monkeyp
     (install,) = calls  # no torch install, no pip check (the environment is not the lock's)
     used = Path(install[install.index("-c") + 1]).read_text()
     assert "numpy==2.4.6" in used and "torch==" not in used and "triton==" not in used
+
+
+def test_drift_compares_canonical_names_and_public_versions(tmp_path):
+    """make test-latest's report: case / separator spellings and the CPU wheel's local tag are not drift."""
+    drift = venv_tool.drift
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# via x\njinja2==3.1.6\n    # via torch\npydantic-core==2.50.5\ntorch==2.13.0\nnumpy==2.4.6\n"
+                    "pygments==2.21.0\nsetuptools==84.2.1\n")
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("Jinja2==3.1.6\npydantic_core==2.50.5\ntorch==2.13.0+cpu\nnumpy==2.5.0\nrich==14.0\n")
+    assert drift(lock, freeze) == ["  numpy 2.4.6 -> 2.5.0", "  pygments 2.21.0 (locked, not installed)",
+                                   "  rich 14.0 (not in the lock)"]
+    assert drift(lock, lock) == []

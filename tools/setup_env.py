@@ -16,6 +16,12 @@ Called by the Makefile (stdlib only: it runs before anything is installed).
     After ``pip-compile``: rewrites a local-version torch pin (``torch==2.13.0+cpu``, the CPU wheel's tag) to
     ``torch==2.13.0``, which pip matches to the CPU wheel where one is offered, and fails when the lock pulled CUDA
     wheels (``nvidia-*``), i.e. when it was compiled where no CPU torch wheel was visible.
+``python tools/setup_env.py drift LOCK FREEZE``
+    ``make test-latest``'s report: the packages whose version in ``FREEZE`` (``pip freeze`` of the newest-releases venv)
+    differs from ``LOCK``, and those present in only one of them. Names are compared in PEP 503 form
+    (``Jinja2`` = ``jinja2``, ``pydantic_core`` = ``pydantic-core``) and versions without their local tag
+    (``2.13.0+cpu`` = ``2.13.0``), so only real version changes are listed; pip / setuptools / wheel, which
+    ``pip freeze`` leaves out, count as missing only when the freeze lists them.
 Exit status 2 with one ``error:`` line on any problem.
 """
 from __future__ import annotations
@@ -105,6 +111,38 @@ def finalize_lock(path: Path) -> None:
     print(f"{path}: {pins} pinned packages")
 
 
+_FREEZE_OMITS = ("pip", "setuptools", "wheel", "distribute")
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``{canonical name: version without local tag}`` of the ``name==version`` lines of a lock / freeze file."""
+    pins = {}
+    for ln in path.read_text().splitlines():
+        if (m := _PIN.match(ln.strip())):
+            pins[_canonical(m.group(1))] = m.group(2).split("+")[0]
+    return pins
+
+
+def drift(lock: Path, freeze: Path) -> list[str]:
+    """Lines describing every difference between the pins of ``lock`` and ``freeze`` (empty: none)."""
+    want, have = read_pins(lock), read_pins(freeze)
+    for name in _FREEZE_OMITS:  # plain `pip freeze` never lists these: absent there is not drift
+        if name not in have:
+            want.pop(name, None)
+    out = []
+    for name in sorted(want.keys() | have.keys()):
+        a, b = want.get(name), have.get(name)
+        if a == b:
+            continue
+        if a is None:
+            out.append(f"  {name} {b} (not in the lock)")
+        elif b is None:
+            out.append(f"  {name} {a} (locked, not installed)")
+        else:
+            out.append(f"  {name} {a} -> {b}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -114,10 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--extras", default="test", help="extras of this package to install")
     f = sub.add_parser("finalize-lock", help="post-process a lock written by pip-compile")
     f.add_argument("path")
+    d = sub.add_parser("drift", help="list the versions of a pip freeze that differ from the lock")
+    d.add_argument("lock")
+    d.add_argument("freeze")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "install":
             install(args.lock, args.torch_pin, args.extras, Path(__file__).resolve().parents[1])
+        elif args.cmd == "drift":
+            print(f"versions that differ from {args.lock}:")
+            print("\n".join(drift(Path(args.lock), Path(args.freeze)) or ["  (none)"]))
         else:
             finalize_lock(Path(args.path))
     except SetupError as e:
