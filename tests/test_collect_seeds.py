@@ -53,3 +53,32 @@ def test_unfinished_runs_are_left_out_and_summary_has_mean_and_std(tmp_path, cap
 def test_missing_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         collect.run_entry(tmp_path / "nope", "vse_baseline_flickr8k")
+
+
+def test_merge_adds_seeds_of_another_session_and_replaces_the_same_run(tmp_path):
+    out = tmp_path / "seeds.json"
+    a0 = _fake_run(tmp_path / "a0", ["run.seed=0"])
+    assert collect.main(["--out", str(out), "--commit", "c1", "--group", "vse", "vse_baseline_flickr8k", str(a0)]) == 0
+    # a later session: seed 1, and seed 0 again (same overrides -> replaces), another group beside
+    a1 = _fake_run(tmp_path / "a1", ["run.seed=1"])
+    a0b = _fake_run(tmp_path / "a0b", ["run.seed=0"])
+    ab = _fake_run(tmp_path / "ab", ["run.seed=0", "optim.lr=0.001"])
+    assert collect.main(["--out", str(out), "--merge", "--commit", "c2", "--group", "vse", "vse_baseline_flickr8k",
+                         str(a1), str(a0b), "--group", "vse_lr", "vse_baseline_flickr8k", str(ab)]) == 0
+    data = json.loads(out.read_text())
+    assert [(e["seed"], e["commit"]) for e in data["vse"]] == [(0, "c2"), (1, "c2")]
+    assert data["vse_lr"][0]["overrides"] == ["optim.lr=0.001"]
+    assert data["summary"]["vse"]["runs"] == 2 and data["summary"]["vse_lr"]["runs"] == 1
+    # without --merge the file holds only what this invocation names
+    assert collect.main(["--out", str(out), "--group", "vse", "vse_baseline_flickr8k", str(a1)]) == 0
+    data = json.loads(out.read_text())
+    assert [e["seed"] for e in data["vse"]] == [1] and "vse_lr" not in data and "commit" not in data["vse"][0]
+
+
+def test_merge_refuses_a_file_that_is_not_a_results_file(tmp_path):
+    out = tmp_path / "seeds.json"
+    out.write_text(json.dumps({"vse": [{"no_seed": 1}]}))
+    a0 = _fake_run(tmp_path / "a0", ["run.seed=0"])
+    with pytest.raises(SystemExit, match="not a results file"):
+        collect.main(["--out", str(out), "--merge", "--group", "vse", "vse_baseline_flickr8k", str(a0)])
+    assert json.loads(out.read_text()) == {"vse": [{"no_seed": 1}]}

@@ -14,8 +14,14 @@ with ``test_results.json``; unfinished ones are listed on stderr and left out):
 - ``dev``: the dev recalls of the selected (best-dev) epoch, from ``metrics.jsonl``.
 - ``test``: the test recalls as ``evaluate`` prints them (``test_results.json``: R@K in percent, rsum).
 - ``train_seconds``: the sum of the epochs' training seconds (evaluation excluded).
+- ``commit``: the code commit the runs were trained at, when given with ``--commit`` (one per invocation).
 A per-group summary (mean and sample std of test and dev rsum) is printed and stored under ``"summary"``.
-Errors (exit 2): a run folder that does not exist or whose files are not the trainer's.
+
+``--merge`` keeps what ``--out`` already holds: runs live outside the repository and do not outlive a session, so
+seeds finished in different sessions are added one invocation at a time. An existing entry is replaced by a new one of
+the same group, seed and overrides; every other existing entry (and group) stays, and the summaries are recomputed.
+Errors (exit 2): a run folder that does not exist or whose files are not the trainer's; ``--merge`` with an ``--out``
+that is not such a results file.
 """
 from __future__ import annotations
 
@@ -77,24 +83,50 @@ def _summary(entries: list[dict]) -> dict:
     return out
 
 
+def _key(entry: dict) -> tuple:
+    return entry["seed"], tuple(entry["overrides"])
+
+
+def _existing(path: Path) -> dict:
+    """The groups already in ``path`` (empty when it does not exist)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        groups = {k: v for k, v in data.items() if k != "summary"}
+        for name, entries in groups.items():
+            for e in entries:
+                _key(e)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SystemExit(f"error: --merge: {path} is not a results file of this tool ({exc!r}); "
+                         "nothing was written") from None
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--group", nargs="+", action="append", required=True, metavar="NAME CONFIG RUN",
                     help="group name, shipped config name, then its run folders")
+    ap.add_argument("--merge", action="store_true", help="keep the entries --out already holds (see above)")
+    ap.add_argument("--commit", help="code commit of these runs, stored in each new entry")
     args = ap.parse_args(argv)
-    result: dict = {}
+    groups = _existing(Path(args.out)) if args.merge else {}
     for name, config, *runs in args.group:
-        entries = []
+        entries = {_key(e): e for e in groups.get(name, [])}
         for run in runs:
             entry = run_entry(Path(run), config)
             if entry is None:
                 print(f"{name}: {run} has not finished (no test_results.json): left out", file=sys.stderr)
-            else:
-                entries.append(entry)
-        result[name] = sorted(entries, key=lambda e: e["seed"])
-        summary = _summary(entries)
-        result.setdefault("summary", {})[name] = summary
+                continue
+            if args.commit:
+                entry["commit"] = args.commit
+            entries[_key(entry)] = entry
+        groups[name] = sorted(entries.values(), key=lambda e: (e["overrides"], e["seed"]))
+    result: dict = dict(groups)
+    result["summary"] = {}
+    for name, entries in groups.items():
+        result["summary"][name] = summary = _summary(entries)
         print(f"{name}: {summary}")
     atomic_save_json(result, args.out)
     return 0
