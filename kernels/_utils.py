@@ -35,6 +35,7 @@ __all__ = [
     "leaky_relu_backward_colsum",
     "check_triton_tensor",
     "launch",
+    "unused_arg",
     "traced_launches",
 ]
 
@@ -56,6 +57,17 @@ def traced_launches():
         yield
     finally:
         _LAUNCH_STATE.on = prev
+
+
+def unused_arg(like: torch.Tensor) -> torch.Tensor:
+    """A fresh (1, 1) tensor (``like``'s dtype / device) for a pointer argument the kernel does not touch.
+
+    Used where a constexpr switches an input off (no bias, no second output, ...). Not an alias of a buffer the
+    kernel writes: when ``torch.compile`` captures a launch (``wrap_triton``) and cannot analyse which arguments
+    the kernel stores to, it treats every tensor argument as written, and an output also passed as the dummy
+    could then be replaced by the untouched copy.
+    """
+    return torch.empty((1, 1), device=like.device, dtype=like.dtype)
 
 
 def launch(kernel):
@@ -245,7 +257,7 @@ def matmul(
     bm, bn, bk, warps = _mm_blocks(M, N, K, fp32_dot)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     launch(_mm_kernel)[grid](
-        a, b, out, bias if bias is not None else out,
+        a, b, out, bias if bias is not None else unused_arg(out),
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         float(leaky_slope or 0.0),
@@ -299,7 +311,7 @@ def leaky_relu_backward_colsum(
     bn = 128
     bm = 128 if interpreting() else 16  # 16x128 x 4 warps: ~96 registers, no spills (sm_90)
     launch(_leaky_bwd_colsum_kernel)[(triton.cdiv(N, bn),)](
-        grad_out, out, dpre, db if db is not None else dpre,
+        grad_out, out, dpre, db if db is not None else unused_arg(dpre),
         M, N, grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),
         float(slope), HAS_DBIAS=want_colsum, BM=bm, BN=bn,
     )

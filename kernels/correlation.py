@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, launch, matmul, next_pow2
+from ._utils import interpreting, launch, matmul, next_pow2, unused_arg
 
 __all__ = [
     "pairwise_relevance_forward",
@@ -182,8 +182,8 @@ def pairwise_relevance_forward(
     with_bias = bias_out is not None
     if with_bias and conn is None:
         raise ValueError("pairwise_relevance_forward: bias_out needs conn")
-    c = conn if with_bias else rel_out
-    bo = bias_out if with_bias else rel_out
+    c = conn if with_bias else unused_arg(rel_out)
+    bo = bias_out if with_bias else unused_arg(rel_out)
     grid = (triton.cdiv(B, bm), triton.cdiv(B, bn), modalities)
     launch(_pairwise_fwd_kernel)[grid](
         x, rel_out, dist, c, bo, B, D,

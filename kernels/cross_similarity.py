@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._host import inverse_norms, unnormalize_grad
-from ._utils import dot_config, fdot, interpreting, launch, next_pow2, num_sms
+from ._utils import dot_config, fdot, interpreting, launch, next_pow2, num_sms, unused_arg
 
 __all__ = [
     "MODE_RELEVANCE",
@@ -372,7 +372,7 @@ def cross_similarity_forward(
         return o1, o2
     grid = (triton.cdiv(Bi, cfg["BI"]) * triton.cdiv(Bt, cfg["BT"]),)
     launch(_xsim_fwd_kernel)[grid](
-        regions, words, region_lens, word_lens, rinv, winv, o1, o2 if o2 is not None else o1,
+        regions, words, region_lens, word_lens, rinv, winv, o1, o2 if o2 is not None else unused_arg(o1),
         Bi, Bt, N, L, D,
         regions.stride(0), regions.stride(1), regions.stride(2), words.stride(0), words.stride(1), words.stride(2),
         s1[0], s1[1], s2[0], s2[1],

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_config, fdot, interpreting, launch, leaky_relu_backward_colsum, matmul, next_pow2
+from ._utils import (dot_config, fdot, interpreting, launch, leaky_relu_backward_colsum, matmul, next_pow2,
+                     unused_arg)
 
 __all__ = ["gcn_forward", "gcn_backward", "attention_forward", "attention_backward"]
 
@@ -284,7 +285,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, need_bias_grad: bool):
         q, k, v, bias, grad_out, lse, delta, dk, dv, *common, scale,
         FP32_DOT=fp32_dot, PREC=prec, BM=bm, BN=bn, BD=bd, num_warps=warps,
     )
-    db = dbias if dbias is not None else dq
+    db = dbias if dbias is not None else unused_arg(dq)
     launch(_attn_bwd_dq_kernel)[(triton.cdiv(n, bm), H)](
         q, k, v, bias, grad_out, lse, delta, dq, db, *common, 0 if shared else n * n, scale,
         BIAS_GRAD=need_bias_grad, BIAS_SHARED=shared,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, launch, matmul, next_pow2
+from ._utils import interpreting, launch, matmul, next_pow2, unused_arg
 
 __all__ = ["sinkhorn_codes", "swav_loss_forward", "swav_loss_backward"]
 
@@ -216,7 +216,8 @@ def sinkhorn_codes(scores: torch.Tensor, eps: float, n_iters: int, out_dtype: to
     eps = float(eps)
     col_grid, row_grid = (triton.cdiv(K, bk),), (triton.cdiv(Bt, bm),)
     sb, sk = scores.stride(0), scores.stride(1)
-    launch(_sk_col_kernel)[col_grid](scores, c, c, Bt, K, sb, sk, eps, MODE=0, BM=bm, BK=bk, num_warps=4)
+    launch(_sk_col_kernel)[col_grid](scores, unused_arg(c), c, Bt, K, sb, sk, eps, MODE=0, BM=bm, BK=bk,
+                                     num_warps=4)
     g = torch.logsumexp(c, 0).reshape(1)  # NaN when any S / eps is non-finite
     log_k, log_b = math.log(K), math.log(Bt)
     for it in range(n_iters):
