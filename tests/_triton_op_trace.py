@@ -9,7 +9,8 @@ trace too, but on a CPU-only torch build every Python tensor indexing (``x[:b]``
 The operator bodies do not check the device (the public entry points do), so the graph is the one a CUDA
 input gives, with the same kernels, grids and constexprs.
 Prints one JSON object: operator -> {"kernels": number of ``triton_kernel_wrapper_functional`` nodes,
-"aahr": number of ``aahr::`` calls left in the graph (0 = decomposed), "outputs": [[shape, dtype], ...] of
+"aahr": number of ``aahr::`` calls left in the graph (0 = decomposed), "noted_kernels": kernels recorded for
+AOTAutograd's cache key (``_library.note_triton_kernels``), "outputs": [[shape, dtype], ...] of
 the traced body, "fake": the same from the registered fake}. Kernel mutation analysis needs a GPU driver;
 without one torch assumes every tensor argument is written (a warning per launch, silenced here).
 """
@@ -24,6 +25,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run with TRITON_INTERPRET unset or 0")
 
 import torch  # noqa: E402
+from torch._library.triton import get_triton_kernels_for_op  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch._subclasses.functional_tensor import dispatch_functionalize  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
@@ -90,6 +92,7 @@ def main() -> None:
             fake = op._abstract_fn(*args)
         report[qual] = {
             "kind": registration_kind(qual),
+            "noted_kernels": len(get_triton_kernels_for_op(qual)),
             "kernels": sum("triton_kernel_wrapper_functional" in s for s in targets),
             "aahr": sum(s.startswith("aahr.") for s in targets),
             "outputs": [[list(o.meta["val"].shape), str(o.meta["val"].dtype)] for o in outs],

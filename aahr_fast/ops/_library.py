@@ -39,7 +39,7 @@ import torch
 NAMESPACE = "aahr"
 
 __all__ = ["NAMESPACE", "fused_op", "placeholder", "grad_or_none", "fresh", "operators", "registration_kind",
-           "triton_traceable"]
+           "triton_traceable", "note_triton_kernels"]
 
 _DEFINED: dict[str, object] = {}
 #: qualified name -> "triton_op" or "custom_op" (how :func:`fused_op` registered it)
@@ -153,6 +153,22 @@ def fresh(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def operators() -> dict[str, object]:
     """Qualified name -> CustomOpDef of every operator defined so far (tests: opcheck over all of them)."""
     return dict(_DEFINED)
+
+
+def note_triton_kernels(qual: str, kernels: Sequence[object]) -> None:
+    """Record the ``@triton.jit`` kernels a ``triton_op`` ``qual`` launches (no-op for the custom_op fallback).
+
+    ``triton_op`` finds them by reading its body's source for ``wrap_triton(...)`` calls, which misses kernels
+    launched through :func:`aahr_fast.kernels._utils.launch` in other modules; AOTAutograd's cache key includes
+    the source of the recorded kernels, so without this an edited kernel could hit a stale compiled graph.
+    Uses torch's private ``torch._library.triton.triton_ops_to_kernels`` table when it exists.
+    """
+    if _KIND.get(qual) != "triton_op":
+        return
+    table = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", None)
+    if isinstance(table, dict):
+        known = table.setdefault(qual, [])
+        known.extend(k for k in kernels if all(k is not j for j in known))
 
 
 def registration_kind(qual: str) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
-from ._library import fused_op, grad_or_none, placeholder
+from ._library import fused_op, grad_or_none, note_triton_kernels, placeholder, triton_traceable
 
 __all__ = ["register_family", "KERNEL_DTYPES", "OPERATORS"]
 
@@ -606,6 +606,17 @@ _FAMILIES = {
 }
 
 
+#: family -> its registered operators (names inside ``aahr``)
+_FAMILY_OPERATORS = {
+    "cross_similarity": ["cross_similarity_triton", "cross_similarity_triton_backward"],
+    "correlation": ["intra_relevance_triton", "intra_relevance_triton_backward", "topk_connection_triton",
+                    "instance_correlation_triton", "instance_correlation_triton_backward"],
+    "message_passing": ["gcn_layer_triton", "gcn_layer_triton_backward", "masked_attention_triton",
+                        "masked_attention_triton_backward"],
+    "prototypes": ["sinkhorn_triton", "swapped_prediction_loss_triton", "swapped_prediction_loss_triton_backward"],
+}
+
+
 def register_family(family: str, module: str | None = None) -> None:
     """Register the triton implementations of every op of ``family`` (called by the kernel modules).
 
@@ -618,9 +629,16 @@ def register_family(family: str, module: str | None = None) -> None:
     """
     import sys
 
-    _KERNEL_MODULES[family] = sys.modules[module or f"aahr_fast.kernels.{family}"]
+    mod = _KERNEL_MODULES[family] = sys.modules[module or f"aahr_fast.kernels.{family}"]
     for op, fn in _FAMILIES[family].items():
         _dispatch.register(op, "triton", fn)
+    if triton_traceable():  # the kernels each triton_op launches (the family's and the shared _utils ones)
+        from triton.runtime.jit import JITFunction
+
+        utils = sys.modules.get("aahr_fast.kernels._utils")
+        jitted = [v for m in (mod, utils) if m is not None for v in vars(m).values() if isinstance(v, JITFunction)]
+        for name in _FAMILY_OPERATORS[family]:
+            note_triton_kernels(f"aahr::{name}", jitted)
 
 
 def implementations() -> dict[str, object]:
