@@ -5,7 +5,8 @@ default by device and availability; see :mod:`aahr_fast.ops._dispatch`) and runs
 implementation. The C++, Triton and CUDA kernels are registered PyTorch operators (``torch.ops.aahr.<op>_cpp``,
 ``<op>_triton`` (a ``torch.library.triton_op``; an opaque custom op under the Triton interpreter),
 ``<op>_cuda``: schema, fake implementation, registered autograd; :mod:`aahr_fast.ops._library`), so the ops
-compile with ``torch.compile(fullgraph=True)``; the reference runs through plain autograd. Contracts: docs/DESIGN.md, "Ops contract".
+compile with ``torch.compile(fullgraph=True)``; the reference runs through plain autograd. Contracts:
+docs/DESIGN.md, "Ops contract".
 
 Cross similarity (:mod:`.cross_similarity`): :func:`fragment_word_relevance`, :func:`hard_assignment_similarity`.
 Instance correlation (:mod:`.correlation`): :func:`intra_relevance`, :func:`topk_connection`,

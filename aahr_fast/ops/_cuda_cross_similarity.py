@@ -116,7 +116,7 @@ cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
 
 def fragment_word_relevance_cuda(regions, region_lens, words, word_lens, *, negative_slope=0.1, eps=1e-8,
                                  chunk_size=None, paper_compat=False):
-    """CUDA backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract; ``aahr::cross_similarity_cuda``)."""
+    """CUDA backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract; one operator)."""
     if regions.dtype not in _KERNEL_DTYPES:
         return get_impl("fragment_word_relevance", "reference")(
             regions, region_lens, words, word_lens, negative_slope=negative_slope, eps=eps, chunk_size=chunk_size,

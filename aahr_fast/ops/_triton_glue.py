@@ -163,7 +163,8 @@ cross_similarity_op = _top("cross_similarity_triton", f"({_XSIM_ARGS}) -> (Tenso
 #: ``aahr::cross_similarity_triton_backward(grad_a, grad_b, <forward args>, needs [regions, words])
 #: -> (d regions, d words)``; a gradient not in ``needs`` is a (0,) placeholder.
 cross_similarity_backward_op = _top(
-    "cross_similarity_triton_backward", f"(Tensor grad_a, Tensor grad_b, {_XSIM_ARGS}, bool[] needs) -> (Tensor, Tensor)",
+    "cross_similarity_triton_backward",
+    f"(Tensor grad_a, Tensor grad_b, {_XSIM_ARGS}, bool[] needs) -> (Tensor, Tensor)",
     _xsim_bwd, _xsim_bwd_fake)
 
 
@@ -195,7 +196,7 @@ cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
 
 def fragment_word_relevance_triton(regions, region_lens, words, word_lens, *, negative_slope=0.1, eps=1e-8,
                                    chunk_size=None, paper_compat=False):
-    """Triton backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract; ``aahr::cross_similarity_triton``)."""
+    """Triton backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract; one operator)."""
     op = "fragment_word_relevance"
     if not _kernel_ok(regions, words):
         return _reference(op)(regions, region_lens, words, word_lens, negative_slope=negative_slope, eps=eps,
@@ -319,7 +320,8 @@ def _inst_bwd(g_rel, g_bias, v, t, conn, dist, sigma, lam, needs):
 
 
 def _inst_bwd_fake(g_rel, g_bias, v, t, conn, dist, sigma, lam, needs):
-    return (v.new_empty(v.shape) if needs[0] else placeholder(v)), (t.new_empty(t.shape) if needs[1] else placeholder(t))
+    return (v.new_empty(v.shape) if needs[0] else placeholder(v),
+            t.new_empty(t.shape) if needs[1] else placeholder(t))
 
 
 #: ``aahr::instance_correlation_triton(v, t (B, D), rel_i2t, rel_t2i (B, B), sigma, k, lam) -> (relevance,
@@ -384,7 +386,8 @@ def _gcn_bwd(grad, adj, x, weight, h, out, slope, has_bias, needs):
     mk = _kernels("message_passing")
     grads = mk.gcn_backward(grad, adj, x, weight, h, out, slope, has_bias, tuple(needs))
     likes = (adj, x, weight, out)
-    return tuple(_cast(g, like) if n and g is not None else placeholder(like) for g, like, n in zip(grads, likes, needs))
+    return tuple(_cast(g, like) if n and g is not None else placeholder(like)
+                 for g, like, n in zip(grads, likes, needs))
 
 
 def _gcn_bwd_fake(grad, adj, x, weight, h, out, slope, has_bias, needs):
@@ -531,7 +534,8 @@ def _swav_bwd(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
 
 
 def _swav_bwd_fake(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
-    return tuple(like.new_empty(like.shape) if n else placeholder(like) for like, n in zip((x_v, x_t, prototypes), needs))
+    return tuple(like.new_empty(like.shape) if n else placeholder(like)
+                 for like, n in zip((x_v, x_t, prototypes), needs))
 
 
 #: ``aahr::swapped_prediction_loss_triton(x_v, x_t (B, D), prototypes (K, D), queue_v?, queue_t? (Q, D), eps,
