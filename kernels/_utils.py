@@ -18,7 +18,9 @@ captions x 32 tokens x 1024 dims is 8.2e8 elements; with batch offsets products 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -32,7 +34,54 @@ __all__ = [
     "matmul",
     "leaky_relu_backward_colsum",
     "check_triton_tensor",
+    "launch",
+    "unused_arg",
+    "traced_launches",
 ]
+
+_LAUNCH_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside this block :func:`launch` hands kernels to ``torch.library.wrap_triton``.
+
+    The bodies of the ``aahr::*_triton`` operators (:mod:`aahr_fast.ops._triton_glue`) run inside it, so when
+    ``torch.compile`` decomposes such a ``torch.library.triton_op`` the launches are recorded as
+    ``triton_kernel_wrapper_*`` graph nodes that Inductor compiles. Outside it (launchers called directly:
+    kernel tests, :mod:`._aot` capture, benchmarks) kernels launch as plain ``kernel[grid](...)``.
+    """
+    prev = getattr(_LAUNCH_STATE, "on", False)
+    _LAUNCH_STATE.on = True
+    try:
+        yield
+    finally:
+        _LAUNCH_STATE.on = prev
+
+
+def unused_arg(like: torch.Tensor) -> torch.Tensor:
+    """A fresh (1, 1) tensor (``like``'s dtype / device) for a pointer argument the kernel does not touch.
+
+    Used where a constexpr switches an input off (no bias, no second output, ...). Not an alias of a buffer the
+    kernel writes: when ``torch.compile`` captures a launch (``wrap_triton``) and cannot analyse which arguments
+    the kernel stores to, it treats every tensor argument as written, and an output also passed as the dummy
+    could then be replaced by the untouched copy.
+    """
+    return torch.empty((1, 1), device=like.device, dtype=like.dtype)
+
+
+def launch(kernel):
+    """The launch handle of a ``@triton.jit`` kernel: use as ``launch(kernel)[grid](*args, **meta)``.
+
+    Returns ``torch.library.wrap_triton(kernel)`` inside :func:`traced_launches` (which itself returns the
+    raw kernel in eager mode, where ``triton_op`` disables wrapping, and for interpreter kernels under
+    ``TRITON_INTERPRET=1``), else ``kernel`` unchanged. Same arguments and semantics either way.
+    """
+    if getattr(_LAUNCH_STATE, "on", False):
+        wrap = getattr(torch.library, "wrap_triton", None)
+        if wrap is not None:
+            return wrap(kernel)
+    return kernel
 
 
 def interpreting() -> bool:
@@ -207,8 +256,8 @@ def matmul(
     fp32_dot, prec = dot_config(a.dtype, b.dtype)
     bm, bn, bk, warps = _mm_blocks(M, N, K, fp32_dot)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _mm_kernel[grid](
-        a, b, out, bias if bias is not None else out,
+    launch(_mm_kernel)[grid](
+        a, b, out, bias if bias is not None else unused_arg(out),
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         float(leaky_slope or 0.0),
@@ -261,8 +310,8 @@ def leaky_relu_backward_colsum(
         return dpre, db
     bn = 128
     bm = 128 if interpreting() else 16  # 16x128 x 4 warps: ~96 registers, no spills (sm_90)
-    _leaky_bwd_colsum_kernel[(triton.cdiv(N, bn),)](
-        grad_out, out, dpre, db if db is not None else dpre,
+    launch(_leaky_bwd_colsum_kernel)[(triton.cdiv(N, bn),)](
+        grad_out, out, dpre, db if db is not None else unused_arg(dpre),
         M, N, grad_out.stride(0), grad_out.stride(1), out.stride(0), out.stride(1),
         float(slope), HAS_DBIAS=want_colsum, BM=bm, BN=bn,
     )

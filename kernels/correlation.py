@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, matmul, next_pow2
+from ._utils import interpreting, launch, matmul, next_pow2, unused_arg
 
 __all__ = [
     "pairwise_relevance_forward",
@@ -182,10 +182,10 @@ def pairwise_relevance_forward(
     with_bias = bias_out is not None
     if with_bias and conn is None:
         raise ValueError("pairwise_relevance_forward: bias_out needs conn")
-    c = conn if with_bias else rel_out
-    bo = bias_out if with_bias else rel_out
+    c = conn if with_bias else unused_arg(rel_out)
+    bo = bias_out if with_bias else unused_arg(rel_out)
     grid = (triton.cdiv(B, bm), triton.cdiv(B, bn), modalities)
-    _pairwise_fwd_kernel[grid](
+    launch(_pairwise_fwd_kernel)[grid](
         x, rel_out, dist, c, bo, B, D,
         x.stride(0), x.stride(1), rel_out.stride(0), rel_out.stride(1), c.stride(0), c.stride(1),
         bo.stride(0), bo.stride(1),
@@ -214,7 +214,7 @@ def pairwise_relevance_backward(
     g = grad_rel if grad_rel is not None else dist
     gb = grad_bias if grad_bias is not None else dist
     c = conn if conn is not None else dist
-    _pairwise_bwd_weights_kernel[(triton.cdiv(B, bm), M)](
+    launch(_pairwise_bwd_weights_kernel)[(triton.cdiv(B, bm), M)](
         g, gb, c, dist, w, rowsum, B,
         g.stride(-2), g.stride(-1), gb.stride(-2), gb.stride(-1), c.stride(-2), c.stride(-1),
         1.0 / float(sigma), float(lam),
@@ -267,7 +267,7 @@ def assemble_correlation(
     topk_into(rel_t2i, k_inter, connection[B:, :B])
     dist = pairwise_relevance_forward(x, 2, sigma, rel_out=relevance, conn=connection, bias_out=attn_bias, lam=lam)
     bm, bn = _blocks2d(B)
-    _offdiag_kernel[(triton.cdiv(B, bm), triton.cdiv(B, bn), 2)](
+    launch(_offdiag_kernel)[(triton.cdiv(B, bm), triton.cdiv(B, bn), 2)](
         rel_i2t, rel_t2i, relevance, connection, attn_bias, B,
         rel_i2t.stride(0), rel_i2t.stride(1), rel_t2i.stride(0), rel_t2i.stride(1),
         relevance.stride(0), relevance.stride(1), connection.stride(0), connection.stride(1),

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._host import inverse_norms, unnormalize_grad
-from ._utils import dot_config, fdot, interpreting, next_pow2, num_sms
+from ._utils import dot_config, fdot, interpreting, launch, next_pow2, num_sms, unused_arg
 
 __all__ = [
     "MODE_RELEVANCE",
@@ -371,8 +371,8 @@ def cross_similarity_forward(
     if Bi == 0 or Bt == 0:
         return o1, o2
     grid = (triton.cdiv(Bi, cfg["BI"]) * triton.cdiv(Bt, cfg["BT"]),)
-    _xsim_fwd_kernel[grid](
-        regions, words, region_lens, word_lens, rinv, winv, o1, o2 if o2 is not None else o1,
+    launch(_xsim_fwd_kernel)[grid](
+        regions, words, region_lens, word_lens, rinv, winv, o1, o2 if o2 is not None else unused_arg(o1),
         Bi, Bt, N, L, D,
         regions.stride(0), regions.stride(1), regions.stride(2), words.stride(0), words.stride(1), words.stride(2),
         s1[0], s1[1], s2[0], s2[1],
@@ -420,7 +420,7 @@ def cross_similarity_backward(
         rows, length = (Bi, N) if own_images else (Bt, L)
         acc = torch.zeros((sp, rows, length, D), device=dev, dtype=torch.float32)
         if Bi > 0 and Bt > 0:
-            _xsim_bwd_kernel[(n_own, sp)](
+            launch(_xsim_bwd_kernel)[(n_own, sp)](
                 regions, words, region_lens, word_lens, rinv, winv, g1, g2 if g2 is not None else g1, acc,
                 Bi, Bt, N, L, D,
                 regions.stride(0), regions.stride(1), regions.stride(2),

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_config, fdot, interpreting, leaky_relu_backward_colsum, matmul, next_pow2
+from ._utils import (dot_config, fdot, interpreting, launch, leaky_relu_backward_colsum, matmul, next_pow2,
+                     unused_arg)
 
 __all__ = ["gcn_forward", "gcn_backward", "attention_forward", "attention_backward"]
 
@@ -248,7 +249,7 @@ def attention_forward(q, k, v, bias) -> tuple[torch.Tensor, torch.Tensor]:
     fp32_dot, prec = dot_config(q.dtype, k.dtype, v.dtype)
     bm, bn, bd, warps = _attn_blocks(n, dh, fp32_dot)
     sb = _bias_strides(bias)
-    _attn_fwd_kernel[(triton.cdiv(n, bm), H)](
+    launch(_attn_fwd_kernel)[(triton.cdiv(n, bm), H)](
         q, k, v, bias, out, lse, n, dh,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sb[0], sb[1], sb[2],
@@ -280,12 +281,12 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, need_bias_grad: bool):
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
     )
     scale = 1.0 / math.sqrt(dh)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n, bn), H)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(n, bn), H)](
         q, k, v, bias, grad_out, lse, delta, dk, dv, *common, scale,
         FP32_DOT=fp32_dot, PREC=prec, BM=bm, BN=bn, BD=bd, num_warps=warps,
     )
-    db = dbias if dbias is not None else dq
-    _attn_bwd_dq_kernel[(triton.cdiv(n, bm), H)](
+    db = dbias if dbias is not None else unused_arg(dq)
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(n, bm), H)](
         q, k, v, bias, grad_out, lse, delta, dq, db, *common, 0 if shared else n * n, scale,
         BIAS_GRAD=need_bias_grad, BIAS_SHARED=shared,
         FP32_DOT=fp32_dot, PREC=prec, BM=bm, BN=bn, BD=bd, num_warps=warps,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, matmul, next_pow2
+from ._utils import interpreting, launch, matmul, next_pow2, unused_arg
 
 __all__ = ["sinkhorn_codes", "swav_loss_forward", "swav_loss_backward"]
 
@@ -216,16 +216,17 @@ def sinkhorn_codes(scores: torch.Tensor, eps: float, n_iters: int, out_dtype: to
     eps = float(eps)
     col_grid, row_grid = (triton.cdiv(K, bk),), (triton.cdiv(Bt, bm),)
     sb, sk = scores.stride(0), scores.stride(1)
-    _sk_col_kernel[col_grid](scores, c, c, Bt, K, sb, sk, eps, MODE=0, BM=bm, BK=bk, num_warps=4)
+    launch(_sk_col_kernel)[col_grid](scores, unused_arg(c), c, Bt, K, sb, sk, eps, MODE=0, BM=bm, BK=bk,
+                                     num_warps=4)
     g = torch.logsumexp(c, 0).reshape(1)  # NaN when any S / eps is non-finite
     log_k, log_b = math.log(K), math.log(Bt)
     for it in range(n_iters):
         first = it == 0
         if first:
-            _sk_col_kernel[col_grid](scores, g, c, Bt, K, sb, sk, eps, MODE=1, BM=bm, BK=bk, num_warps=4)
+            launch(_sk_col_kernel)[col_grid](scores, g, c, Bt, K, sb, sk, eps, MODE=1, BM=bm, BK=bk, num_warps=4)
         else:
-            _sk_col_kernel[col_grid](w, g, c, Bt, K, K, 1, eps, MODE=2, BM=bm, BK=bk, num_warps=4)
-        _sk_row_kernel[row_grid](
+            launch(_sk_col_kernel)[col_grid](w, g, c, Bt, K, K, 1, eps, MODE=2, BM=bm, BK=bk, num_warps=4)
+        launch(_sk_row_kernel)[row_grid](
             scores, g, c, w, codes, Bt, K, sb, sk, codes.stride(0), codes.stride(1), eps, log_k, log_b,
             FIRST=first, LAST=(it == n_iters - 1), BM=bm, BK=bk, num_warps=4,
         )
@@ -256,7 +257,7 @@ def swav_loss_forward(x_v, x_t, prototypes, eps: float, n_iters: int, tau: float
     # 16 x 128 spilled ~600 bytes per thread
     bm = min(next_pow2(B, 16), 64) if interpreting() else 4
     bk = min(next_pow2(K, 16), 512) if interpreting() else 256
-    _swav_loss_kernel[(triton.cdiv(B, bm),)](
+    launch(_swav_loss_kernel)[(triton.cdiv(B, bm),)](
         s_v, s_t, q_v, q_t, ds_v, ds_t, rows, B, K,
         s_v.stride(0), s_v.stride(1), s_t.stride(0), s_t.stride(1),
         q_v.stride(0), q_v.stride(1), q_t.stride(0), q_t.stride(1),

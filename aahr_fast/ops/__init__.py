@@ -2,10 +2,11 @@
 
 Each op validates its inputs once, picks a backend (``backend=`` argument > ``AAHR_OPS_BACKEND`` >
 default by device and availability; see :mod:`aahr_fast.ops._dispatch`) and runs that backend's
-implementation. The C++ kernels are registered PyTorch operators (``torch.ops.aahr.<op>_cpp``: schema, fake
-implementation, registered autograd; :mod:`aahr_fast.ops._library`), so the ops compile with
-``torch.compile(fullgraph=True)``; the Triton and CUDA backends are differentiable through their own
-``torch.autograd.Function``, the reference through plain autograd. Contracts: docs/DESIGN.md, "Ops contract".
+implementation. The C++, Triton and CUDA kernels are registered PyTorch operators (``torch.ops.aahr.<op>_cpp``,
+``<op>_triton`` (a ``torch.library.triton_op``; an opaque custom op under the Triton interpreter),
+``<op>_cuda``: schema, fake implementation, registered autograd; :mod:`aahr_fast.ops._library`), so the ops
+compile with ``torch.compile(fullgraph=True)``; the reference runs through plain autograd. Contracts:
+docs/DESIGN.md, "Ops contract".
 
 Cross similarity (:mod:`.cross_similarity`): :func:`fragment_word_relevance`, :func:`hard_assignment_similarity`.
 Instance correlation (:mod:`.correlation`): :func:`intra_relevance`, :func:`topk_connection`,

@@ -1,9 +1,15 @@
-"""The ``"cuda"`` backend of the cross-similarity ops: autograd glue around the CUDA kernels.
+"""The ``"cuda"`` backend of the cross-similarity ops: registered operators around the CUDA kernels.
 
 Plugin module of :mod:`aahr_fast.ops._dispatch` (the dispatcher imports ``aahr_fast.ops._cuda_<family>``
 for the cuda backend). Kernels: ``csrc/cuda/cross_similarity.cu`` (torch-free), bound by
 ``csrc/cuda/cuda_ops_binding.cpp`` as ``torch.ops.aahr_fast.xsim_cuda_forward`` / ``xsim_cuda_backward``;
 both are built into the one extension by :mod:`aahr_fast.ops._ext` only when torch has CUDA.
+
+Operators (:mod:`aahr_fast.ops._library`, ``torch.library.custom_op`` with ``device_types="cuda"``):
+``aahr::cross_similarity_cuda`` and ``aahr::cross_similarity_cuda_backward``, the same schemas as the
+triton / cpp operators (mode argument, shared by both public ops), each with a fake implementation (no data
+read, no extension needed: the module imports and the fakes run on a CPU-only machine) and wired with
+``register_autograd``. Under ``torch.compile`` they are opaque calls (no graph break).
 
 Same contract as the reference (:func:`aahr_fast.ops.fragment_word_relevance`,
 :func:`aahr_fast.ops.hard_assignment_similarity`): outputs in the input dtype; inputs are made
@@ -17,72 +23,118 @@ import torch
 from ..kernels._host import inverse_norms, unnormalize_grad
 from . import _ext
 from ._dispatch import get_impl, register
+from ._library import fused_op, grad_or_none, placeholder
 
-__all__ = ["fragment_word_relevance_cuda", "hard_assignment_similarity_cuda"]
+__all__ = ["fragment_word_relevance_cuda", "hard_assignment_similarity_cuda", "cross_similarity_op",
+           "cross_similarity_backward_op"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODE_RELEVANCE, MODE_HARD_MEAN, MODE_HARD_LSE = 0, 1, 2
+_MODES = {"relevance": MODE_RELEVANCE, "hard_mean": MODE_HARD_MEAN, "hard_lse": MODE_HARD_LSE}
 
 
 _ops = _ext.ops_namespace
 
 
-class _XsimCudaFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, regions, words, region_lens, word_lens, mode, slope, eps, temperature):
-        n, l = regions.shape[1], words.shape[1]
-        rvalid = torch.arange(n, device=regions.device)[None, :] < region_lens[:, None]
-        wvalid = torch.arange(l, device=words.device)[None, :] < word_lens[:, None]
-        rinv = inverse_norms(regions, eps, rvalid)
-        winv = inverse_norms(words, eps, wvalid)
-        a, b = _ops().xsim_cuda_forward(regions, region_lens, words, word_lens, rinv, winv, mode, slope, eps,
-                                        temperature)
-        ctx.save_for_backward(regions, words, region_lens, word_lens, rinv, winv, rvalid, wvalid)
-        ctx.cfg = (mode, slope, eps, temperature)
-        if mode != MODE_RELEVANCE:
-            return a.to(regions.dtype)
-        return a.to(regions.dtype), b.to(regions.dtype)
+def _norms(regions, region_lens, words, word_lens, eps):
+    n, l = regions.shape[1], words.shape[1]
+    rvalid = torch.arange(n, device=regions.device)[None, :] < region_lens[:, None]
+    wvalid = torch.arange(l, device=words.device)[None, :] < word_lens[:, None]
+    return inverse_norms(regions, eps, rvalid), inverse_norms(words, eps, wvalid), rvalid, wvalid
 
-    @staticmethod
-    def backward(ctx, *grads):
-        regions, words, region_lens, word_lens, rinv, winv, rvalid, wvalid = ctx.saved_tensors
-        mode, slope, eps, temperature = ctx.cfg
-        bi, bt = regions.shape[0], words.shape[0]
-        if mode == MODE_RELEVANCE:
-            ga = grads[0] if grads[0] is not None else torch.zeros((bt, bi), device=regions.device)
-            gb = grads[1] if grads[1] is not None else torch.zeros((bi, bt), device=regions.device)
-        else:
-            ga = grads[0]
-            gb = ga
-        need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g_r, g_w = _ops().xsim_cuda_backward(regions, region_lens, words, word_lens, rinv, winv, ga.float(),
-                                             gb.float(), mode, slope, eps, temperature, need_r, need_w)
-        dr = unnormalize_grad(regions, rinv, g_r, eps, rvalid).to(regions.dtype) if need_r else None
-        dw = unnormalize_grad(words, winv, g_w, eps, wvalid).to(words.dtype) if need_w else None
-        return dr, dw, None, None, None, None, None, None
+
+def _xsim_fwd(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
+    rinv, winv, _, _ = _norms(regions, region_lens, words, word_lens, eps)
+    a, b = _ops().xsim_cuda_forward(regions.contiguous(), region_lens, words.contiguous(), word_lens, rinv, winv,
+                                    _MODES[mode], slope, eps, temperature)
+    a = a.to(regions.dtype)
+    return a, (b.to(regions.dtype) if mode == "relevance" else placeholder(a))
+
+
+def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
+    bi, bt = regions.shape[0], words.shape[0]
+    if mode == "relevance":
+        return regions.new_empty((bt, bi)), regions.new_empty((bi, bt))
+    return regions.new_empty((bi, bt)), regions.new_empty((0,))
+
+
+def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
+    rinv, winv, rvalid, wvalid = _norms(regions, region_lens, words, word_lens, eps)
+    ga = grad_a.float()
+    gb = grad_b.float() if mode == "relevance" else ga
+    g_r, g_w = _ops().xsim_cuda_backward(regions.contiguous(), region_lens, words.contiguous(), word_lens, rinv, winv,
+                                         ga, gb, _MODES[mode], slope, eps, temperature, needs[0], needs[1])
+    dr = unnormalize_grad(regions, rinv, g_r, eps, rvalid).to(regions.dtype) if needs[0] else placeholder(regions)
+    dw = unnormalize_grad(words, winv, g_w, eps, wvalid).to(words.dtype) if needs[1] else placeholder(words)
+    return dr, dw
+
+
+def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
+    return (regions.new_empty(regions.shape) if needs[0] else placeholder(regions),
+            words.new_empty(words.shape) if needs[1] else placeholder(words))
+
+
+_ARGS = ("Tensor regions, Tensor region_lens, Tensor words, Tensor word_lens, str mode, float slope, float eps, "
+         "float temperature")
+#: ``aahr::cross_similarity_cuda(regions (Bi, N, D), region_lens (Bi,) int64, words (Bt, L, D), word_lens (Bt,),
+#: mode, slope, eps, temperature) -> (a, b)`` in the features' dtype: mode "relevance": t2i (Bt, Bi), i2t (Bi, Bt);
+#: "hard_mean" / "hard_lse": sim (Bi, Bt), empty (0,). CUDA tensors only (NotImplementedError on other devices).
+cross_similarity_op = fused_op("cross_similarity_cuda", f"({_ARGS}) -> (Tensor, Tensor)", _xsim_fwd, _xsim_fwd_fake,
+                               device_types="cuda")
+#: ``aahr::cross_similarity_cuda_backward(grad_a, grad_b, <forward args>, needs [regions, words]) -> (d regions,
+#: d words)``; a gradient not in ``needs`` is a (0,) placeholder.
+cross_similarity_backward_op = fused_op(
+    "cross_similarity_cuda_backward", f"(Tensor grad_a, Tensor grad_b, {_ARGS}, bool[] needs) -> (Tensor, Tensor)",
+    _xsim_bwd, _xsim_bwd_fake, device_types="cuda")
+
+
+def _xsim_setup(ctx, inputs, output):
+    regions, region_lens, words, word_lens = inputs[:4]
+    ctx.save_for_backward(regions, region_lens, words, word_lens)
+    ctx.cfg = tuple(inputs[4:])
+    if ctx.cfg[0] != "relevance":
+        ctx.mark_non_differentiable(output[1])
+
+
+def _xsim_grad(ctx, grad_a, grad_b):
+    regions, region_lens, words, word_lens = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
+    if not any(needs) or (grad_a is None and grad_b is None):
+        return (None,) * 8
+    relevance = ctx.cfg[0] == "relevance"
+    bi, bt = regions.shape[0], words.shape[0]
+    if grad_a is None:
+        grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
+    if grad_b is None or not relevance:
+        grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
+    d_r, d_w = cross_similarity_backward_op(grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg, needs)
+    return grad_or_none(d_r, needs[0]), None, grad_or_none(d_w, needs[1]), None, None, None, None, None
+
+
+cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
 
 
 def fragment_word_relevance_cuda(regions, region_lens, words, word_lens, *, negative_slope=0.1, eps=1e-8,
                                  chunk_size=None, paper_compat=False):
-    """CUDA backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract)."""
+    """CUDA backend of :func:`aahr_fast.ops.fragment_word_relevance` (same contract; one operator)."""
     if regions.dtype not in _KERNEL_DTYPES:
         return get_impl("fragment_word_relevance", "reference")(
             regions, region_lens, words, word_lens, negative_slope=negative_slope, eps=eps, chunk_size=chunk_size,
             paper_compat=paper_compat)
     if paper_compat:
         region_lens = torch.full_like(region_lens, regions.shape[1])
-    return _XsimCudaFn.apply(regions, words, region_lens, word_lens, MODE_RELEVANCE, float(negative_slope),
-                             float(eps), 1.0)
+    return cross_similarity_op(regions, region_lens, words, word_lens, "relevance", float(negative_slope), float(eps),
+                               1.0)
 
 
 def hard_assignment_similarity_cuda(regions, region_lens, words, word_lens, *, agg="mean", temperature=0.1,
                                     eps=1e-8, chunk_size=None):
-    """CUDA backend of :func:`aahr_fast.ops.hard_assignment_similarity` (same contract)."""
+    """CUDA backend of :func:`aahr_fast.ops.hard_assignment_similarity` (same contract; one operator)."""
     if regions.dtype not in _KERNEL_DTYPES:
         return get_impl("hard_assignment_similarity", "reference")(
             regions, region_lens, words, word_lens, agg=agg, temperature=temperature, eps=eps, chunk_size=chunk_size)
-    mode = MODE_HARD_MEAN if agg == "mean" else MODE_HARD_LSE
-    return _XsimCudaFn.apply(regions, words, region_lens, word_lens, mode, 0.0, float(eps), float(temperature))
+    mode = "hard_mean" if agg == "mean" else "hard_lse"
+    return cross_similarity_op(regions, region_lens, words, word_lens, mode, 0.0, float(eps), float(temperature))[0]
 
 
 register("fragment_word_relevance", "cuda", fragment_word_relevance_cuda)
