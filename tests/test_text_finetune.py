@@ -2,7 +2,7 @@
 
 A tiny random 3-layer BERT (tests/_tiny_bert.py) stands in for MiniLM: the split into a frozen lower part
 (embeddings + first ``L - k`` layers) and trainable top ``k`` layers, the momentum copy without the frozen
-part, the param groups, the validation.
+part, the param groups, the validation, and the shipped ``flickr8k_cpu_ft`` config trained for two steps.
 """
 from __future__ import annotations
 
@@ -214,3 +214,39 @@ def test_checkpoint_round_trip_with_partial_finetune(bert3, tmp_path):
     dst.load_state_dict(load_file(str(tmp_path / "w.safetensors")))   # strict
     for k, v in dst.state_dict().items():
         assert torch.equal(v, src.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------------------------------ shipped config
+def test_flickr8k_cpu_ft_config_trains_top_layers_only(bert3, tmp_path):
+    """``flickr8k_cpu_ft`` on a toy folder (its input ids index the tiny BERT's vocabulary), two steps of the
+    real trainer: the frozen embeddings and lower layers are bit-identical, the top 2 layers changed, word
+    masking on ids is on, and the momentum copy holds only the top 2 layers."""
+    from aahr_fast.config import load_config
+    from aahr_fast.engine import Trainer
+
+    toy = tmp_path / "toy"
+    write_toy_features(toy, {"train": 8, "dev": 4, "test": 4}, max_tokens=12)
+    cfg = load_config("flickr8k_cpu_ft", [
+        f"data.path={toy}", f"model.text_backbone_path={bert3}", "model.embed_dim=32", "model.num_prototypes=8",
+        "model.queue_size=16", "model.proto_start=0", "model.graph_start=0", "optim.batch_size=16",
+        "schedule.epochs=1", "schedule.decay_epochs=[]", "schedule.max_steps_per_epoch=2", "run.device=cpu",
+        "run.progress=false", "run.plots=false", "model.ops_backend=reference"])
+    assert cfg.model.text_mode == "finetune" and cfg.model.text_trainable_layers == 2
+    assert cfg.model.backbone_lr_mult == 0.1 and cfg.data.word_mask_prob == 0.2
+    assert cfg.data.word_mask_split == [0.5, 0.1, 0.4]
+    trainer = Trainer(cfg, toy, tmp_path / "run", log=lambda m: None)
+    wm = trainer.train_set.word_mask
+    assert wm is not None and wm.mask_id == VOCAB.index("[MASK]")          # whole words on ids
+    model = trainer.model
+    bb = model.txt_enc.backbone
+    before = {n: p.detach().clone() for n, p in bb.named_parameters()}
+    trainer.fit()
+    frozen_prefixes = ("bert.embeddings.", "bert.pooler.", "bert.encoder.layer.0.")
+    for n, p in bb.named_parameters():
+        if n.startswith(frozen_prefixes):
+            assert torch.equal(p, before[n]), n
+        else:
+            assert n.startswith(("bert.encoder.layer.1.", "bert.encoder.layer.2.")), n
+    assert any(not torch.equal(p, before[n]) for n, p in bb.named_parameters() if "layer.2." in n)
+    key_names = [n for n, _ in model.txt_key.backbone.named_parameters()]
+    assert key_names and all(n.startswith(("bert.encoder.layer.1.", "bert.encoder.layer.2.")) for n in key_names)
