@@ -389,7 +389,8 @@ class TextEncoder(nn.Module):
     def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()
         self.mode = cfg.text_mode
-        self.backbone = (TextBackbone(cfg.text_backbone_path, trainable=True, trainable_layers=cfg.text_trainable_layers)
+        self.backbone = (TextBackbone(cfg.text_backbone_path, trainable=True,
+                                      trainable_layers=cfg.text_trainable_layers)
                          if cfg.text_mode == "finetune" else None)
         in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
         self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
