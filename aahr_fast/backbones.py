@@ -241,16 +241,34 @@ class TextBackbone(nn.Module):
     [CLS] and [SEP] (data-and-eval.md 1.3; no truncation below the model's 512 positions). The sentence vector
     is the mean of ``last_hidden_state`` over valid tokens, L2-normalised (all-MiniLM-L6-v2's pooling).
 
+    Partial fine-tuning (``trainable_layers = k > 0``): the network is cut into a frozen *lower* part (the
+    embeddings and the first ``num_layers - k`` transformer layers, plus the unused pooler) and a trainable
+    *upper* part (the top ``k`` layers). :meth:`lower` runs the frozen part under ``torch.no_grad()`` with
+    its modules kept in eval mode (no dropout), so its output is a fixed function of the ids that callers
+    may compute once and share, e.g. between the online and the momentum (MoCo key) text encoder;
+    :meth:`upper` runs the trainable layers on it. A momentum copy made with
+    ``aahr_fast.models.momentum.make_momentum_copy(..., exclude=backbone.frozen_modules())`` holds only the
+    trainable part (the frozen modules are None there; its :meth:`lower` raises ConfigError and its
+    :meth:`upper` takes the online backbone's :meth:`lower` output). With ``k = 0`` (all layers trainable)
+    the lower part is the embeddings alone and is trainable too. Parameter names (state-dict keys) are those of the
+    ``BertModel`` for every ``k``.
+
     Args:
         model_path: local BERT folder (``config.json``, weights, tokenizer files); default: packaged MiniLM.
             Loaded with ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``: never downloads.
         trainable: False (default) freezes all weights and keeps eval mode; True leaves them trainable
             (fine-tuning the text backbone, dropout active in ``train()`` mode).
+        trainable_layers: with ``trainable=True``, how many of the top transformer layers train: 0 (default)
+            = all of them and the embeddings; ``k`` in ``1..num_layers`` = only the top ``k`` (see above).
+            Ignored when ``trainable`` is False.
     Raises:
-        ConfigError: the folder is missing / not a loadable BERT, or its pad id is not 0.
+        ConfigError: the folder is missing / not a loadable BERT, or its pad id is not 0; ``trainable_layers``
+            not an int in ``0..num_layers`` (the message names ``model.text_trainable_layers`` and the
+            model's layer count, which is only known here).
     """
 
-    def __init__(self, model_path: str | os.PathLike | None = None, trainable: bool = False) -> None:
+    def __init__(self, model_path: str | os.PathLike | None = None, trainable: bool = False,
+                 trainable_layers: int = 0) -> None:
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -276,10 +294,19 @@ class TextBackbone(nn.Module):
         self._register_load_state_dict_pre_hook(_rename_old_backbone_keys)
         self.max_length = int(getattr(self.bert.config, "max_position_embeddings", 512))
         self.trainable = bool(trainable)
-        if not self.trainable:
-            for p in self.bert.parameters():
+        n_layers = self.num_layers
+        k = trainable_layers
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n_layers:
+            raise ConfigError(f"model.text_trainable_layers={k!r}: expected an int in 0..{n_layers} (0 = all layers "
+                              f"trainable; the text backbone {path} has {n_layers} transformer layers)")
+        #: top layers that train (0 = all, embeddings included); the first ``num_layers - k`` are frozen.
+        self.trainable_layers = k if self.trainable else 0
+        #: index of the first layer run by :meth:`upper` (``num_layers - k``; 0 when every layer trains).
+        self.split = n_layers - self.trainable_layers if self.trainable_layers > 0 else 0
+        for module in self.frozen_modules():
+            for p in module.parameters():
                 p.requires_grad_(False)
-            self.bert.eval()
+            module.eval()
 
     @property
     def hidden_size(self) -> int:
@@ -291,9 +318,90 @@ class TextBackbone(nn.Module):
         """The model folder (name kept from the former fine-tuning loader)."""
         return self.model_path
 
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer layers of the BERT (``config.num_hidden_layers``: 6 MiniLM, 12 bert-base)."""
+        return int(self.bert.config.num_hidden_layers)
+
+    @property
+    def lower_is_frozen(self) -> bool:
+        """True when :meth:`lower` has no trainable weight (a frozen backbone, or ``trainable_layers > 0``):
+        its output may then be shared by several encoders (online and momentum) of one batch."""
+        return not self.trainable or self.trainable_layers > 0
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The submodules whose weights never train: the whole BERT when frozen; with ``trainable_layers = k > 0``
+        the embeddings, the first ``num_layers - k`` layers and the pooler (unused: the encoders read
+        ``last_hidden_state``); nothing when every layer trains. Modules already removed from a momentum copy
+        (None) are skipped. Raises nothing."""
+        if not self.trainable:
+            return [self.bert]
+        if self.trainable_layers == 0:
+            return []
+        mods = [self.bert.embeddings, *list(self.bert.encoder.layer)[: self.split], self.bert.pooler]
+        return [m for m in mods if m is not None]
+
     def train(self, mode: bool = True) -> "TextBackbone":
-        """Frozen backbones stay in eval mode; trainable ones follow ``mode``."""
-        return super().train(mode and self.trainable)
+        """Frozen backbones stay in eval mode; trainable ones follow ``mode``, except their frozen lower part
+        (``trainable_layers > 0``), which always stays in eval mode (no dropout: :meth:`lower` is a fixed
+        function of the ids)."""
+        super().train(mode and self.trainable)
+        for module in self.frozen_modules():
+            module.train(False)
+        return self
+
+    def _attention_mask(self, hidden: torch.Tensor, lengths: torch.Tensor):
+        """The mask the BERT layers take, built from ``lengths`` (M,) for ``hidden`` (M, L, H) exactly as
+        ``BertModel.forward`` builds it (transformers >= 5: ``create_bidirectional_mask`` for the configured
+        attention implementation; older versions: the additive extended mask)."""
+        L = hidden.shape[1]
+        mask = (torch.arange(L, device=hidden.device)[None, :] < lengths.to(hidden.device)[:, None]).long()
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:  # transformers 4.x
+            return self.bert.get_extended_attention_mask(mask, mask.shape)
+        return create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=mask)
+
+    def _run_layers(self, hidden: torch.Tensor, lengths: torch.Tensor, layers) -> torch.Tensor:
+        if not len(layers):
+            return hidden
+        attn = self._attention_mask(hidden, lengths)
+        for layer in layers:
+            out = layer(hidden, attn)
+            hidden = out[0] if isinstance(out, tuple) else out   # transformers 4.x layers return tuples
+        return hidden
+
+    def lower(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the embeddings and the frozen layers (the first ``num_layers - k``).
+
+        Args:
+            input_ids: (M, L) integer ids, 0 = pad. lengths: (M,) integer valid lengths (not validated here:
+                the text encoder checks them with ``check_fragments``).
+        Returns:
+            (M, L, H) float. Computed under ``torch.no_grad()`` (no graph) when :attr:`lower_is_frozen`;
+            with ``trainable_layers = 0`` it is the (trainable) embedding output, with autograd.
+        Raises:
+            ConfigError: called on a momentum copy whose lower part was left out (see the class docstring).
+        """
+        if self.bert.embeddings is None:
+            raise ConfigError("TextBackbone.lower: this momentum copy holds only the trainable layers; feed its "
+                              "upper() the lower() output of the online backbone")
+        with torch.no_grad() if self.lower_is_frozen else contextlib.nullcontext():
+            hidden = self.bert.embeddings(input_ids=input_ids.long())
+            return self._run_layers(hidden, lengths, list(self.bert.encoder.layer)[: self.split])
+
+    def upper(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The trainable layers (``split..num_layers-1``) on :meth:`lower`'s output.
+
+        Args:
+            hidden: (M, L, H) float from :meth:`lower` (of this backbone or of the online backbone this one
+                is a momentum copy of). lengths: (M,) integer valid lengths (the attention mask).
+        Returns:
+            (M, L, H) float ``last_hidden_state``; padded positions as BERT computes them.
+        Raises:
+            RuntimeError: torch's, for shapes that do not fit (not validated here).
+        """
+        return self._run_layers(hidden, lengths, list(self.bert.encoder.layer)[self.split:])
 
     def continuation_table(self) -> np.ndarray:
         """``(vocab_size,)`` bool: True for WordPiece continuation pieces (``##...``), which belong to the
@@ -307,11 +415,11 @@ class TextBackbone(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Raw ``last_hidden_state`` (M, L, H) float of ``input_ids`` (M, L) int (0 = pad) with the attention
-        mask from ``lengths`` (M,) int; padded positions are left as BERT computes them (the authors'
-        encoder keeps them too; ours masks them downstream). No validation (the text encoder checks ids
-        and lengths with ``check_fragments``); shape errors are torch's RuntimeError."""
-        mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths.to(input_ids.device)[:, None]
-        return self.bert(input_ids=input_ids.long(), attention_mask=mask.long()).last_hidden_state
+        mask from ``lengths`` (M,) int: ``upper(lower(ids, lengths), lengths)`` (the pooler is not run).
+        Padded positions are left as BERT computes them (the authors' encoder keeps them too; ours masks
+        them downstream). No validation (the text encoder checks ids and lengths with
+        ``check_fragments``); shape errors are torch's RuntimeError."""
+        return self.upper(self.lower(input_ids, lengths), lengths)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """WordPiece-tokenise captions, padded to the longest.

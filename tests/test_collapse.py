@@ -57,16 +57,19 @@ def _collapsing_builder(from_step: int):
     state = {"armed": False}
 
     def constant(enc):
-        real = enc.forward
+        # the text encoders' outputs come from upper() (AAHR runs lower() once per batch for both text
+        # encoders; forward = upper(lower(batch))); the image encoders' from forward()
+        method = "upper" if hasattr(enc, "upper") else "forward"
+        real = getattr(enc, method)
 
-        def forward(batch):
-            out = real(batch)
+        def patched(arg):
+            out = real(arg)
             if not state["armed"]:
                 return out
             c = torch.full_like(out.fused[:1], 0.125)          # one vector for the whole batch
             return out._replace(frags=out.frags * 0 + 0.125, local=out.local * 0 + c, fused=out.fused * 0 + c)
 
-        enc.forward = forward
+        setattr(enc, method, patched)
 
     def build(cfg, dims):
         model = build_model(cfg, dims)

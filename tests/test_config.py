@@ -21,7 +21,7 @@ from aahr_fast.config import (
 )
 from aahr_fast.utils.errors import ConfigError
 
-SHIPPED = ("synthetic", "flickr8k_cpu", "vse_baseline_flickr8k", "f30k_paper", "coco_paper")
+SHIPPED = ("synthetic", "flickr8k_cpu", "flickr8k_cpu_ft", "vse_baseline_flickr8k", "f30k_paper", "coco_paper")
 
 
 def test_defaults_are_the_paper_recipe():

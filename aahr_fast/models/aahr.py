@@ -76,7 +76,9 @@ class AAHR(ScheduleMixin, nn.Module):
         self.graph = InstanceGraph(cfg) if cfg.use_graph else None
         if cfg.use_moco:
             self.img_key = make_momentum_copy(self.img_enc)
-            self.txt_key = make_momentum_copy(self.txt_enc)
+            # the key text encoder leaves out the frozen lower layers of a partly fine-tuned BERT: the online
+            # encoder's lower() output of each batch feeds both (training_losses)
+            self.txt_key = make_momentum_copy(self.txt_enc, exclude=self.txt_enc.frozen_modules())
             self.queue_v = FeatureQueue(cfg.queue_size, d)
             self.queue_t = FeatureQueue(cfg.queue_size, d)
         else:
@@ -158,7 +160,8 @@ class AAHR(ScheduleMixin, nn.Module):
         with (dctx.local_rng(step) if dctx is not None else contextlib.nullcontext()):
             # distributed: encoder dropout on the local shard draws from a per-rank stream
             img = self.img_enc(batch)
-            txt = self.txt_enc(batch)
+            txt_low = self.txt_enc.lower(batch)   # frozen part of the text side: computed once per batch
+            txt = self.txt_enc.upper(txt_low)
             bsz = img.fused.shape[0]
             if txt.fused.shape[0] != bsz:
                 raise DataError(f"batch has {bsz} images but {txt.fused.shape[0]} captions; training pairs them row by row")
@@ -167,7 +170,8 @@ class AAHR(ScheduleMixin, nn.Module):
             if self.queue_v is not None:
                 with torch.no_grad():
                     keys = (F.normalize(self.img_key(batch).fused.float(), dim=-1),
-                            F.normalize(self.txt_key(batch).fused.float(), dim=-1))
+                            F.normalize(self.txt_key.upper(self.txt_key.lower(batch, shared=txt_low)).fused.float(),
+                                        dim=-1))
         local_fused = None
         if dctx is not None:
             # the losses, graph and queues need the global batch: gather (differentiable) in rank order

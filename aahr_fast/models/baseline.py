@@ -24,8 +24,9 @@ __all__ = ["VSEBaseline"]
 class VSEBaseline(ScheduleMixin, nn.Module):
     """``f_v = l2(W_v mean_valid(regions))``, ``f_t = l2(W_t mean_valid(tokens))``.
 
-    Args: cfg (uses embed_dim, text_mode, text_backbone_path, backbone_lr_mult, loss, margin, dws_*,
-        mask_same_image), dims (``{region_dim, img_global_dim, token_dim, txt_global_dim}``; globals unused).
+    Args: cfg (uses embed_dim, text_mode, text_backbone_path, text_trainable_layers, backbone_lr_mult, loss,
+        margin, dws_*, mask_same_image), dims (``{region_dim, img_global_dim, token_dim, txt_global_dim}``;
+        globals unused).
     """
 
     _SCHEDULE_KEYS = ()
@@ -35,7 +36,9 @@ class VSEBaseline(ScheduleMixin, nn.Module):
         cfg.validate()
         dims = check_dims(dims)
         self.cfg, self.dims = cfg, dims
-        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
+        self.backbone = (TextBackbone(cfg.text_backbone_path, trainable=True,
+                                      trainable_layers=cfg.text_trainable_layers)
+                         if cfg.text_mode == "finetune" else None)
         tdim = self.backbone.hidden_size if self.backbone is not None else dims["token_dim"]
         self.img_fc = nn.Linear(dims["region_dim"], cfg.embed_dim)
         self.txt_fc = nn.Linear(tdim, cfg.embed_dim)

@@ -46,7 +46,8 @@ def check_dims(dims: dict) -> dict:
 def split_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
     """Optimiser parameter groups: ``{"name": "main", lr}`` and ``{"name": "backbone", lr * mult}`` (the
     fine-tuned text backbone, any parameter under a ``backbone`` submodule). Frozen parameters (the
-    momentum key encoders) are left out; empty groups are dropped."""
+    momentum key encoders, the frozen lower layers of a partly fine-tuned backbone,
+    ``model.text_trainable_layers > 0``) are left out; empty groups are dropped. Raises nothing."""
     main, backbone = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -122,6 +122,8 @@ class ModelConfig:
     text_mode: str = "frozen"               # "frozen": batch["tokens"]; "finetune": batch["input_ids"] -> backbone
     text_backbone_path: Optional[str] = None  # local BERT-family folder; None -> MiniLM package (offline)
     backbone_lr_mult: float = 0.1           # lr multiplier of the fine-tuned backbone
+    text_trainable_layers: int = 0          # finetune: 0 = all BERT layers train; k = only the top k (the
+                                            # embeddings and lower layers frozen, shared with the momentum copy)
     txt_proj: str = "linear"                # paper: Linear(768 -> D); "mlp" gives the image-side block
 
     # --- fragment level ("GAT"), pooling, fusion -----------------------------------------------
@@ -240,6 +242,14 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} is not divisible by frag_heads={self.frag_heads}")
         if self.embed_dim % self.graph_heads:
             raise ConfigError(f"ModelConfig.embed_dim={self.embed_dim} is not divisible by graph_heads={self.graph_heads}")
+        k = self.text_trainable_layers
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"ModelConfig.text_trainable_layers={k!r}: expected an int >= 0 (0 = all layers of the "
+                              f"fine-tuned text backbone train; k = only the top k)")
+        if k > 0 and self.text_mode != "finetune":
+            raise ConfigError(f"ModelConfig.text_trainable_layers={k} needs text_mode='finetune' (text_mode="
+                              f"{self.text_mode!r} trains no backbone layer); set text_trainable_layers=0")
+        # the upper bound (the backbone's layer count) is checked where the backbone is loaded (TextBackbone)
         for name in ("proto_start", "graph_start", "moco_start"):
             parse_start(getattr(self, name), name)  # raises on a malformed spec
         return self

@@ -30,7 +30,8 @@ from aahr_fast.models.pooling import GatedFusion, GlobalGuidedPooling, lengths_t
 from aahr_fast.utils.errors import ConfigError, DataError
 
 __all__ = ["authors_linear_init", "MaskedBatchNorm1d", "FragmentProjection", "FragmentEncoder", "ImageEncoder", "TextEncoder",
-           "TextBackbone", "EncoderOutput", "text_token_features", "check_fragments", "default_backbone_path"]
+           "TextBackbone", "TextLower", "EncoderOutput", "text_token_features", "check_fragments",
+           "default_backbone_path"]
 
 
 class EncoderOutput(NamedTuple):
@@ -319,24 +320,45 @@ def default_backbone_path() -> str:
     return default_text_model()
 
 
-def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token features of a batch: ``batch["tokens"]`` (B, L, Dt) when ``backbone`` is None, else
-    ``backbone(batch["input_ids"], batch["token_lens"])``. Returns (features, lens (B,) int64).
-    Raises DataError naming the missing key or the bad shape."""
+def _text_ids(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids (B, L), token_lens (B,) int64)`` of a fine-tuning batch, checked. Raises DataError."""
     if "token_lens" not in batch:
         raise DataError(f"batch has no 'token_lens'; keys: {sorted(batch)}")
     lens = batch["token_lens"].long()
+    if "input_ids" not in batch:
+        raise DataError(f"text_mode='finetune' needs batch['input_ids'] (B, L); keys: {sorted(batch)}")
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        raise DataError(f"batch['input_ids']: expected (B, L), got {tuple(ids.shape)}")
+    check_fragments(ids[:, :, None], lens, None, "input_ids")
+    return ids, lens
+
+
+def text_token_features(batch: dict, backbone: Optional["TextBackbone"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token features of a batch: ``batch["tokens"]`` (B, L, Dt) when ``backbone`` is None, else
+    ``backbone.hidden_states(batch["input_ids"], batch["token_lens"])``. Returns (features, lens (B,) int64).
+    Raises DataError naming the missing key or the bad shape."""
     if backbone is not None:
-        if "input_ids" not in batch:
-            raise DataError(f"text_mode='finetune' needs batch['input_ids'] (B, L); keys: {sorted(batch)}")
-        ids = batch["input_ids"]
-        if ids.dim() != 2:
-            raise DataError(f"batch['input_ids']: expected (B, L), got {tuple(ids.shape)}")
-        check_fragments(ids[:, :, None], lens, None, "input_ids")
+        ids, lens = _text_ids(batch)
         return backbone.hidden_states(ids, lens), lens
+    if "token_lens" not in batch:
+        raise DataError(f"batch has no 'token_lens'; keys: {sorted(batch)}")
     if "tokens" not in batch:
         raise DataError(f"text_mode='frozen' needs batch['tokens'] (B, L, Dt); keys: {sorted(batch)}")
-    return batch["tokens"], lens
+    return batch["tokens"], batch["token_lens"].long()
+
+
+class TextLower(NamedTuple):
+    """Output of :meth:`TextEncoder.lower`, the input of :meth:`TextEncoder.upper`.
+
+    x: (B, L, Dx) float: the frozen token features (``text_mode: frozen``) or the fine-tuned backbone's
+    :meth:`~aahr_fast.backbones.TextBackbone.lower` hidden states (``text_mode: finetune``);
+    lens: (B,) int64 valid lengths; glob: (B, Dgt) float global text vector, or None without the global branch.
+    Raises nothing (a plain NamedTuple).
+    """
+    x: torch.Tensor
+    lens: torch.Tensor
+    glob: Optional[torch.Tensor]
 
 
 class TextEncoder(nn.Module):
@@ -344,13 +366,21 @@ class TextEncoder(nn.Module):
     :class:`TextBackbone` (``cfg.text_mode == "finetune"``), plus token_lens and txt_global (B, Dgt)
     -> :class:`EncoderOutput`.
 
+    ``forward(batch) = upper(lower(batch))``. :meth:`lower` is the part of the text pipeline below the first
+    trainable weight when :attr:`lower_is_frozen` (frozen token features; fine-tuning with
+    ``cfg.text_trainable_layers = k > 0``: the backbone's embeddings and frozen layers, run without a graph),
+    so one batch's :meth:`lower` output can feed both this encoder and its momentum copy
+    (:meth:`frozen_modules` names what the copy leaves out). With ``k = 0`` :meth:`lower` is trainable (the
+    embeddings) and every encoder computes its own.
+
     Args:
         token_dim: Dt (ignored when fine-tuning: the backbone's hidden size is used). global_dim: Dgt.
-        cfg: :class:`ModelConfig` (validated; ``text_mode``, ``text_backbone_path``, ``txt_proj``, ...).
+        cfg: :class:`ModelConfig` (validated; ``text_mode``, ``text_backbone_path``, ``text_trainable_layers``,
+            ``txt_proj``, ...).
 
     Raises:
-        ConfigError: the fine-tuned text backbone cannot be loaded; ``cfg.txt_proj`` / ``cfg.proj_norm``
-            unknown (constructor).
+        ConfigError: the fine-tuned text backbone cannot be loaded, or ``cfg.text_trainable_layers`` exceeds its
+            layer count; ``cfg.txt_proj`` / ``cfg.proj_norm`` unknown (constructor).
         DataError: a missing key (``tokens`` or ``input_ids``, ``token_lens``, ``txt_global``), an empty
             batch, feature sizes other than the expected ones, lengths outside 1..L (named;
             :func:`text_token_features`, :func:`check_fragments`).
@@ -359,7 +389,9 @@ class TextEncoder(nn.Module):
     def __init__(self, token_dim: int, global_dim: int, cfg: ModelConfig):
         super().__init__()
         self.mode = cfg.text_mode
-        self.backbone = TextBackbone(cfg.text_backbone_path, trainable=True) if cfg.text_mode == "finetune" else None
+        self.backbone = (TextBackbone(cfg.text_backbone_path, trainable=True,
+                                      trainable_layers=cfg.text_trainable_layers)
+                         if cfg.text_mode == "finetune" else None)
         in_dim = self.backbone.hidden_size if self.backbone is not None else token_dim
         self.enc = FragmentEncoder(in_dim, global_dim, cfg, cfg.txt_proj)
         if cfg.init == "authors":   # the text Linear(768 -> D) keeps the default init; fc_clip gets Xavier
@@ -367,14 +399,51 @@ class TextEncoder(nn.Module):
         self.use_global = cfg.use_global
         self.in_dim, self.global_dim = int(in_dim), int(global_dim)
 
+    @property
+    def lower_is_frozen(self) -> bool:
+        """True when :meth:`lower` holds no trainable weight (its output may be shared with a momentum copy)."""
+        return self.backbone is None or self.backbone.lower_is_frozen
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Submodules a momentum copy need not hold: the backbone's frozen lower part (see
+        :meth:`TextBackbone.frozen_modules`), nothing with frozen token features or ``k = 0``. Raises nothing."""
+        return self.backbone.frozen_modules() if self.backbone is not None else []
+
     def token_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, L, Dt), lens (B,)) from the batch, through the backbone when fine-tuning."""
         return text_token_features(batch, self.backbone)
 
-    def forward(self, batch: dict) -> EncoderOutput:
-        x, lens = self.token_features(batch)
+    def lower(self, batch: dict, shared: Optional[TextLower] = None) -> TextLower:
+        """The batch's text inputs up to the split (see the class docstring).
+
+        Args:
+            batch: the batch dict of docs/DESIGN.md. shared: the online encoder's :meth:`lower` output of the
+                same batch; returned as is when this encoder's lower part is frozen (the momentum copy's way of
+                reusing it), ignored otherwise (``k = 0``: this encoder computes its own).
+        Returns:
+            :class:`TextLower`.
+        Raises:
+            DataError: a missing key or a bad shape / length (named). ConfigError: a momentum copy without its
+            own lower part called without ``shared``.
+        """
+        if shared is not None and self.lower_is_frozen:
+            return shared
+        if self.backbone is None:
+            x, lens = text_token_features(batch, None)
+        else:
+            ids, lens = _text_ids(batch)
+            x = self.backbone.lower(ids, lens)
         if self.use_global and "txt_global" not in batch:
             raise DataError(f"batch has no 'txt_global' (use_global=True); keys: {sorted(batch)}")
-        glob = batch.get("txt_global") if self.use_global else None
-        check_fragments(x, lens, glob, "tokens", dim=self.in_dim, glob_dim=self.global_dim)
-        return self.enc(x, lens, glob)
+        return TextLower(x, lens, batch.get("txt_global") if self.use_global else None)
+
+    def upper(self, low: TextLower) -> EncoderOutput:
+        """The trainable part on :meth:`lower`'s output: the backbone's top layers (fine-tuning), then the
+        fragment encoder. Returns :class:`EncoderOutput`. Raises DataError for feature sizes other than
+        the expected ones and lengths outside 1..L (:func:`check_fragments`)."""
+        x = self.backbone.upper(low.x, low.lens) if self.backbone is not None else low.x
+        check_fragments(x, low.lens, low.glob, "tokens", dim=self.in_dim, glob_dim=self.global_dim)
+        return self.enc(x, low.lens, low.glob)
+
+    def forward(self, batch: dict) -> EncoderOutput:
+        return self.upper(self.lower(batch))

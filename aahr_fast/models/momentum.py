@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,9 +24,11 @@ __all__ = ["ema_update", "FeatureQueue", "make_momentum_copy"]
 def ema_update(target: nn.Module, source: nn.Module, m: float) -> None:
     """In-place EMA of ``target``'s parameters towards ``source``'s: ``t <- m t + (1 - m) s``.
 
-    Parameters are matched by name; both modules must have the same parameter names and shapes
-    (``target`` is a deep copy of ``source``). Buffers (BatchNorm statistics) are not averaged (MoCo).
-    Raises DataError when the parameter sets differ.
+    Parameters are matched by name: every parameter of ``target`` must exist in ``source`` with the same
+    shape (``target`` is a :func:`make_momentum_copy` of ``source``; a copy made with ``exclude`` has a
+    subset of the names, and only those are averaged: the left-out modules are frozen and shared).
+    Buffers (BatchNorm statistics) are not averaged (MoCo).
+    Raises DataError naming a parameter of ``target`` missing from ``source`` or of another shape.
     """
     src = dict(source.named_parameters())
     for name, p_t in target.named_parameters():
@@ -34,11 +38,24 @@ def ema_update(target: nn.Module, source: nn.Module, m: float) -> None:
         p_t.mul_(m).add_(p_s.detach(), alpha=1.0 - m)
 
 
-def make_momentum_copy(module: nn.Module) -> nn.Module:
-    """Deep copy of ``module`` with ``requires_grad=False`` everywhere (a MoCo key encoder)."""
+def make_momentum_copy(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> nn.Module:
+    """Deep copy of ``module`` with ``requires_grad=False`` everywhere (a MoCo key encoder).
+
+    Args:
+        module: the online (query) encoder.
+        exclude: submodules of ``module`` the copy must not hold: frozen parts whose output the caller computes
+            once and feeds to both encoders (e.g. ``TextEncoder.frozen_modules()``, the lower layers of a
+            partly fine-tuned BERT). They are None in the copy (absent from its ``parameters()`` and
+            ``state_dict``, so no duplicate weights); code that would run them must not be called on the copy.
+    Returns:
+        the copy (same class; its parameter names are a subset of ``module``'s).
+    Raises:
+        Nothing of its own (``copy.deepcopy`` errors propagate).
+    """
     import copy
 
-    twin = copy.deepcopy(module)
+    memo = {id(m): None for m in exclude}   # deepcopy returns the memo entry, None, for each excluded module
+    twin = copy.deepcopy(module, memo)
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
