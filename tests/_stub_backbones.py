@@ -25,6 +25,10 @@ def stub_text_backbone(model_path: str | Path | None = None, dim: int = 8, vocab
             self.model_path = str(model_path or default_text_model())
             self.name, self.dim, self.trainable, self.max_length = "stub", dim, False, 64
             self.table = torch.nn.Embedding(vocab, dim)
+            self.trainable_layers, self.split = 0, 0
+
+        def frozen_modules(self):
+            return [self.table]   # the whole stub is frozen, as a frozen TextBackbone's whole BERT
 
         def tokenize(self, captions):
             seqs = [[1, *(3 + zlib.crc32(w.encode()) % (vocab - 4) for w in c.split()), 2] for c in captions]

@@ -354,7 +354,9 @@ class TextLower(NamedTuple):
     x: (B, L, Dx) float: the frozen token features (``text_mode: frozen``) or the fine-tuned backbone's
     :meth:`~aahr_fast.backbones.TextBackbone.lower` hidden states (``text_mode: finetune``);
     lens: (B,) int64 valid lengths; glob: (B, Dgt) float global text vector, or None without the global branch.
-    Raises nothing (a plain NamedTuple).
+
+    Raises:
+        nothing: a plain NamedTuple; :meth:`TextEncoder.lower` validates what goes into it.
     """
     x: torch.Tensor
     lens: torch.Tensor
