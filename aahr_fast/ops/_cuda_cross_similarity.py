@@ -23,7 +23,8 @@ import torch
 from ..kernels._host import inverse_norms, unnormalize_grad
 from . import _ext
 from ._dispatch import get_impl, register
-from ._library import fused_op, grad_or_none, placeholder
+from ._library import fused_op, placeholder
+from ._schemas import define_cross_similarity
 
 __all__ = ["fragment_word_relevance_cuda", "hard_assignment_similarity_cuda", "cross_similarity_op",
            "cross_similarity_backward_op"]
@@ -51,13 +52,6 @@ def _xsim_fwd(regions, region_lens, words, word_lens, mode, slope, eps, temperat
     return a, (b.to(regions.dtype) if mode == "relevance" else placeholder(a))
 
 
-def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
-    bi, bt = regions.shape[0], words.shape[0]
-    if mode == "relevance":
-        return regions.new_empty((bt, bi)), regions.new_empty((bi, bt))
-    return regions.new_empty((bi, bt)), regions.new_empty((0,))
-
-
 def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
     rinv, winv, rvalid, wvalid = _norms(regions, region_lens, words, word_lens, eps)
     ga = grad_a.float()
@@ -69,49 +63,11 @@ def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slop
     return dr, dw
 
 
-def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
-    return (regions.new_empty(regions.shape) if needs[0] else placeholder(regions),
-            words.new_empty(words.shape) if needs[1] else placeholder(words))
-
-
-_ARGS = ("Tensor regions, Tensor region_lens, Tensor words, Tensor word_lens, str mode, float slope, float eps, "
-         "float temperature")
-#: ``aahr::cross_similarity_cuda(regions (Bi, N, D), region_lens (Bi,) int64, words (Bt, L, D), word_lens (Bt,),
-#: mode, slope, eps, temperature) -> (a, b)`` in the features' dtype: mode "relevance": t2i (Bt, Bi), i2t (Bi, Bt);
-#: "hard_mean" / "hard_lse": sim (Bi, Bt), empty (0,). CUDA tensors only (NotImplementedError on other devices).
-cross_similarity_op = fused_op("cross_similarity_cuda", f"({_ARGS}) -> (Tensor, Tensor)", _xsim_fwd, _xsim_fwd_fake,
-                               device_types="cuda")
-#: ``aahr::cross_similarity_cuda_backward(grad_a, grad_b, <forward args>, needs [regions, words]) -> (d regions,
-#: d words)``; a gradient not in ``needs`` is a (0,) placeholder.
-cross_similarity_backward_op = fused_op(
-    "cross_similarity_cuda_backward", f"(Tensor grad_a, Tensor grad_b, {_ARGS}, bool[] needs) -> (Tensor, Tensor)",
-    _xsim_bwd, _xsim_bwd_fake, device_types="cuda")
-
-
-def _xsim_setup(ctx, inputs, output):
-    regions, region_lens, words, word_lens = inputs[:4]
-    ctx.save_for_backward(regions, region_lens, words, word_lens)
-    ctx.cfg = tuple(inputs[4:])
-    if ctx.cfg[0] != "relevance":
-        ctx.mark_non_differentiable(output[1])
-
-
-def _xsim_grad(ctx, grad_a, grad_b):
-    regions, region_lens, words, word_lens = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
-    if not any(needs) or (grad_a is None and grad_b is None):
-        return (None,) * 8
-    relevance = ctx.cfg[0] == "relevance"
-    bi, bt = regions.shape[0], words.shape[0]
-    if grad_a is None:
-        grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
-    if grad_b is None or not relevance:
-        grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
-    d_r, d_w = cross_similarity_backward_op(grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg, needs)
-    return grad_or_none(d_r, needs[0]), None, grad_or_none(d_w, needs[1]), None, None, None, None, None
-
-
-cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
+#: ``aahr::cross_similarity_cuda`` / ``aahr::cross_similarity_cuda_backward``: the schemas, fakes and autograd of
+#: :func:`aahr_fast.ops._schemas.define_cross_similarity`. CUDA tensors only (NotImplementedError on other devices).
+cross_similarity_op, cross_similarity_backward_op = define_cross_similarity(
+    "cuda", _xsim_fwd, _xsim_bwd, lambda name, schema, impl, fake: fused_op(name, schema, impl, fake,
+                                                                            device_types="cuda"))
 
 
 def fragment_word_relevance_cuda(regions, region_lens, words, word_lens, *, negative_slope=0.1, eps=1e-8,

@@ -16,7 +16,8 @@ import torch
 
 from . import _ext
 from ._dispatch import get_impl, register
-from ._library import fused_op, grad_or_none, placeholder
+from ._library import fused_op, placeholder
+from ._schemas import define_swapped_prediction_loss
 
 __all__ = ["sinkhorn_cuda", "swapped_prediction_loss_cuda", "sinkhorn_op", "swapped_prediction_loss_op",
            "swapped_prediction_loss_backward_op"]
@@ -48,11 +49,6 @@ def _swav_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
     return (rows.sum() / b).to(x_v.dtype), ds_v, ds_t
 
 
-def _swav_fwd_fake(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
-    b, k = x_v.shape[0], prototypes.shape[0]
-    return x_v.new_empty(()), x_v.new_empty((b, k), dtype=torch.float32), x_v.new_empty((b, k), dtype=torch.float32)
-
-
 def _swav_bwd(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
     gv, gt = ds_v * grad.float(), ds_t * grad.float()
     c = prototypes.float()
@@ -62,40 +58,11 @@ def _swav_bwd(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
     return d_xv, d_xt, d_c
 
 
-def _swav_bwd_fake(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
-    return tuple(t.new_empty(t.shape) if n else placeholder(t) for t, n in zip((x_v, x_t, prototypes), needs))
-
-
-#: ``aahr::swapped_prediction_loss_cuda(x_v, x_t (B, D), prototypes (K, D), queue_v?, queue_t? (Q, D), eps, n_iters,
-#: tau) -> (loss () x_v.dtype, ds_v, ds_t (B, K) float32)``; ds_* (score gradients of a unit upstream gradient)
-#: are kept for the backward and are not differentiable; the queues are constants.
-swapped_prediction_loss_op = fused_op(
-    "swapped_prediction_loss_cuda",
-    "(Tensor x_v, Tensor x_t, Tensor prototypes, Tensor? queue_v, Tensor? queue_t, float eps, int n_iters, "
-    "float tau) -> (Tensor, Tensor, Tensor)", _swav_fwd, _swav_fwd_fake, device_types="cuda")
-#: ``aahr::swapped_prediction_loss_cuda_backward(grad (), x_v, x_t, prototypes, ds_v, ds_t, needs) -> (d x_v, d x_t,
-#: d prototypes)``.
-swapped_prediction_loss_backward_op = fused_op(
-    "swapped_prediction_loss_cuda_backward",
-    "(Tensor grad, Tensor x_v, Tensor x_t, Tensor prototypes, Tensor ds_v, Tensor ds_t, bool[] needs) "
-    "-> (Tensor, Tensor, Tensor)", _swav_bwd, _swav_bwd_fake, device_types="cuda")
-
-
-def _swav_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _swav_grad(ctx, grad, _g_dsv, _g_dst):
-    needs = list(ctx.needs_input_grad[:3])
-    if grad is None or not any(needs):
-        return (None,) * 8
-    x_v, x_t, c, ds_v, ds_t = ctx.saved_tensors
-    grads = swapped_prediction_loss_backward_op(grad, x_v, x_t, c, ds_v, ds_t, needs)
-    return tuple(grad_or_none(g, n) for g, n in zip(grads, needs)) + (None,) * 5
-
-
-swapped_prediction_loss_op.register_autograd(_swav_grad, setup_context=_swav_setup)
+#: ``aahr::swapped_prediction_loss_cuda`` / ``_backward``: the schemas, fakes and autograd of
+#: :func:`aahr_fast.ops._schemas.define_swapped_prediction_loss`. CUDA tensors only.
+swapped_prediction_loss_op, swapped_prediction_loss_backward_op = define_swapped_prediction_loss(
+    "cuda", _swav_fwd, _swav_bwd, lambda name, schema, impl, fake: fused_op(name, schema, impl, fake,
+                                                                            device_types="cuda"))
 
 
 def sinkhorn_cuda(scores, *, eps=0.1, n_iters=3):

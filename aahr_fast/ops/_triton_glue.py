@@ -30,6 +30,7 @@ import torch
 
 from . import _dispatch
 from ._library import fused_op, grad_or_none, note_triton_kernels, placeholder, triton_traceable
+from ._schemas import define_cross_similarity, define_swapped_prediction_loss
 
 __all__ = ["register_family", "KERNEL_DTYPES", "OPERATORS"]
 
@@ -128,13 +129,6 @@ def _xsim_fwd(regions, region_lens, words, word_lens, mode, slope, eps, temperat
     return o1, (placeholder(o1) if o2 is None else _cast(o2, regions))
 
 
-def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
-    bi, bt = regions.shape[0], words.shape[0]
-    if mode == "relevance":
-        return regions.new_empty((bt, bi)), regions.new_empty((bi, bt))
-    return regions.new_empty((bi, bt)), regions.new_empty((0,))
-
-
 def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
     xk = _kernels("cross_similarity")
     rinv, winv, rvalid, wvalid = _xsim_norms(xk, regions, region_lens, words, word_lens, eps)
@@ -148,50 +142,9 @@ def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slop
     return gr, gw
 
 
-def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
-    return (regions.new_empty(regions.shape) if needs[0] else placeholder(regions),
-            words.new_empty(words.shape) if needs[1] else placeholder(words))
-
-
-_XSIM_ARGS = ("Tensor regions, Tensor region_lens, Tensor words, Tensor word_lens, str mode, float slope, float eps, "
-              "float temperature")
-#: ``aahr::cross_similarity_triton(regions (Bi, N, D), region_lens (Bi,) int64, words (Bt, L, D), word_lens (Bt,),
-#: mode, slope, eps, temperature) -> (a, b)`` in the features' dtype: mode "relevance": t2i (Bt, Bi), i2t (Bi, Bt);
-#: "hard_mean" / "hard_lse": sim (Bi, Bt), empty (0,). Padded inputs (the kernels mask the padding).
-cross_similarity_op = _top("cross_similarity_triton", f"({_XSIM_ARGS}) -> (Tensor, Tensor)", _xsim_fwd,
-                           _xsim_fwd_fake)
-#: ``aahr::cross_similarity_triton_backward(grad_a, grad_b, <forward args>, needs [regions, words])
-#: -> (d regions, d words)``; a gradient not in ``needs`` is a (0,) placeholder.
-cross_similarity_backward_op = _top(
-    "cross_similarity_triton_backward",
-    f"(Tensor grad_a, Tensor grad_b, {_XSIM_ARGS}, bool[] needs) -> (Tensor, Tensor)",
-    _xsim_bwd, _xsim_bwd_fake)
-
-
-def _xsim_setup(ctx, inputs, output):
-    regions, region_lens, words, word_lens = inputs[:4]
-    ctx.save_for_backward(regions, region_lens, words, word_lens)
-    ctx.cfg = tuple(inputs[4:])
-    if ctx.cfg[0] != "relevance":
-        ctx.mark_non_differentiable(output[1])
-
-
-def _xsim_grad(ctx, grad_a, grad_b):
-    regions, region_lens, words, word_lens = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
-    if not any(needs) or (grad_a is None and grad_b is None):
-        return (None,) * 8
-    relevance = ctx.cfg[0] == "relevance"
-    bi, bt = regions.shape[0], words.shape[0]
-    if grad_a is None:
-        grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
-    if grad_b is None or not relevance:
-        grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
-    d_r, d_w = cross_similarity_backward_op(grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg, needs)
-    return grad_or_none(d_r, needs[0]), None, grad_or_none(d_w, needs[1]), None, None, None, None, None
-
-
-cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
+#: ``aahr::cross_similarity_triton`` / ``aahr::cross_similarity_triton_backward``: the schemas, fakes and autograd
+#: of :func:`aahr_fast.ops._schemas.define_cross_similarity`. Padded inputs (the kernels mask the padding).
+cross_similarity_op, cross_similarity_backward_op = define_cross_similarity("triton", _xsim_fwd, _xsim_bwd, _top)
 
 
 def fragment_word_relevance_triton(regions, region_lens, words, word_lens, *, negative_slope=0.1, eps=1e-8,
@@ -521,11 +474,6 @@ def _swav_fwd(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
     return _cast(loss, x_v), ds_v, ds_t
 
 
-def _swav_fwd_fake(x_v, x_t, prototypes, queue_v, queue_t, eps, n_iters, tau):
-    b, k = x_v.shape[0], prototypes.shape[0]
-    return x_v.new_empty(()), x_v.new_empty((b, k), dtype=torch.float32), x_v.new_empty((b, k), dtype=torch.float32)
-
-
 def _swav_bwd(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
     pk = _kernels("prototypes")
     grads = pk.swav_loss_backward(grad.float(), x_v, x_t, prototypes, ds_v, ds_t, tuple(needs))
@@ -533,41 +481,10 @@ def _swav_bwd(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
     return tuple(_cast(g, like) if n else placeholder(like) for g, like, n in zip(grads, likes, needs))
 
 
-def _swav_bwd_fake(grad, x_v, x_t, prototypes, ds_v, ds_t, needs):
-    return tuple(like.new_empty(like.shape) if n else placeholder(like)
-                 for like, n in zip((x_v, x_t, prototypes), needs))
-
-
-#: ``aahr::swapped_prediction_loss_triton(x_v, x_t (B, D), prototypes (K, D), queue_v?, queue_t? (Q, D), eps,
-#: n_iters, tau) -> (loss () x_v.dtype, ds_v, ds_t (B, K) float32)``; ds_* (score gradients of a unit upstream
-#: gradient) are kept for the backward and are not differentiable; the queues are constants.
-swapped_prediction_loss_op = _top(
-    "swapped_prediction_loss_triton",
-    "(Tensor x_v, Tensor x_t, Tensor prototypes, Tensor? queue_v, Tensor? queue_t, float eps, int n_iters, "
-    "float tau) -> (Tensor, Tensor, Tensor)", _swav_fwd, _swav_fwd_fake)
-#: ``aahr::swapped_prediction_loss_triton_backward(grad (), x_v, x_t, prototypes, ds_v, ds_t, needs [x_v, x_t,
-#: prototypes]) -> (d x_v, d x_t, d prototypes)``.
-swapped_prediction_loss_backward_op = _top(
-    "swapped_prediction_loss_triton_backward",
-    "(Tensor grad, Tensor x_v, Tensor x_t, Tensor prototypes, Tensor ds_v, Tensor ds_t, bool[] needs) "
-    "-> (Tensor, Tensor, Tensor)", _swav_bwd, _swav_bwd_fake)
-
-
-def _swav_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _swav_grad(ctx, grad, _g_dsv, _g_dst):
-    needs = list(ctx.needs_input_grad[:3])
-    if grad is None or not any(needs):
-        return (None,) * 8
-    x_v, x_t, c, ds_v, ds_t = ctx.saved_tensors
-    grads = swapped_prediction_loss_backward_op(grad, x_v, x_t, c, ds_v, ds_t, needs)
-    return tuple(grad_or_none(g, n) for g, n in zip(grads, needs)) + (None,) * 5
-
-
-swapped_prediction_loss_op.register_autograd(_swav_grad, setup_context=_swav_setup)
+#: ``aahr::swapped_prediction_loss_triton`` / ``_backward``: the schemas, fakes and autograd of
+#: :func:`aahr_fast.ops._schemas.define_swapped_prediction_loss`.
+swapped_prediction_loss_op, swapped_prediction_loss_backward_op = define_swapped_prediction_loss(
+    "triton", _swav_fwd, _swav_bwd, _top)
 
 
 def swapped_prediction_loss_triton(x_v, x_t, prototypes, *, eps=0.1, n_iters=3, tau=0.1, queue_v=None, queue_t=None):
