@@ -161,36 +161,40 @@ def test_public_op_compiles_fullgraph(case, backend, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_public_ops_compile_with_inductor_and_call_the_operators():
-    """Inductor (the default backend) compiles a chain of cpp ops; the graph holds the aahr:: operators."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    r, w = _g(3, 5, 7, dtype=torch.float32), _g(4, 6, 7, dtype=torch.float32, seed=1)
-    rl, wl = torch.tensor([5, 2, 4]), torch.tensor([1, 6, 3, 5])
+def _inductor_chain_matches_eager(backend: str, device) -> list[str]:
+    """Compile fragment_word_relevance -> intra_relevance on ``backend`` with Inductor (fullgraph); assert the
+    compiled values and gradients equal eager and return the call targets of the Dynamo graph."""
+    r, w = _g(3, 5, 7, dtype=torch.float32).to(device), _g(4, 6, 7, dtype=torch.float32, seed=1).to(device)
+    rl, wl = torch.tensor([5, 2, 4], device=device), torch.tensor([1, 6, 3, 5], device=device)
 
     def fn(r, w):
-        t2i, i2t = ops.fragment_word_relevance(r, rl, w, wl, backend="cpp")
-        rel = ops.intra_relevance(i2t, sigma=0.5, backend="cpp")
+        t2i, i2t = ops.fragment_word_relevance(r, rl, w, wl, backend=backend)
+        rel = ops.intra_relevance(i2t, sigma=0.5, backend=backend)
         return t2i.sum() + rel.sum()
 
     torch._dynamo.reset()
     seen = []
 
-    def backend(gm, example_inputs):
+    def inductor(gm, example_inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
 
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend=inductor)
     out_c, grad_c = _fwd_bwd(compiled, (r, w))
     out_e, grad_e = _fwd_bwd(fn, (r, w))
     torch.testing.assert_close(out_c[0], out_e[0])
     for a, b in zip(grad_c, grad_e):
         torch.testing.assert_close(a, b)
+    return seen
+
+
+def test_public_ops_compile_with_inductor_and_call_the_operators():
+    """Inductor (the default backend) compiles a chain of cpp ops; the graph holds the aahr:: operators."""
+    seen = _inductor_chain_matches_eager("cpp", "cpu")
     assert any("aahr.cross_similarity_cpp" in s for s in seen), seen
     assert any("aahr.intra_relevance_cpp" in s for s in seen), seen
-    del CompileCounterWithBackend
 
 
 # ------------------------------------------------------------------------- triton and cuda operators
@@ -349,30 +353,7 @@ def test_triton_public_ops_compile_with_inductor_and_call_the_operators(monkeypa
     """Inductor (the default backend) compiles a chain of triton ops (fullgraph); values and gradients equal eager,
     and the Dynamo graph calls the aahr::*_triton operators (under the interpreter Inductor keeps them as opaque
     calls; with compiled Triton AOTAutograd decomposes them into their kernels, tests/_triton_op_trace.py)."""
-    dev = triton_device()
-    r, w = _g(3, 5, 7, dtype=torch.float32).to(dev), _g(4, 6, 7, dtype=torch.float32, seed=1).to(dev)
-    rl, wl = torch.tensor([5, 2, 4], device=dev), torch.tensor([1, 6, 3, 5], device=dev)
-
-    def fn(r, w):
-        t2i, i2t = ops.fragment_word_relevance(r, rl, w, wl, backend="triton")
-        rel = ops.intra_relevance(i2t, sigma=0.5, backend="triton")
-        return t2i.sum() + rel.sum()
-
-    torch._dynamo.reset()
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
-
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    out_c, grad_c = _fwd_bwd(compiled, (r, w))
-    out_e, grad_e = _fwd_bwd(fn, (r, w))
-    torch.testing.assert_close(out_c[0], out_e[0])
-    for a, b in zip(grad_c, grad_e):
-        torch.testing.assert_close(a, b)
+    seen = _inductor_chain_matches_eager("triton", triton_device())
     assert any("aahr.cross_similarity_triton" in s for s in seen), seen
     assert any("aahr.intra_relevance_triton" in s for s in seen), seen
 
