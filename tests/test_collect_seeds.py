@@ -75,10 +75,24 @@ def test_merge_adds_seeds_of_another_session_and_replaces_the_same_run(tmp_path)
     assert [e["seed"] for e in data["vse"]] == [1] and "vse_lr" not in data and "commit" not in data["vse"][0]
 
 
-def test_merge_refuses_a_file_that_is_not_a_results_file(tmp_path):
+@pytest.mark.parametrize("held", [
+    {"vse": [{"no_seed": 1}]},
+    {"vse": [{"seed": None, "overrides": []}, {"seed": 1, "overrides": []}]},
+    {"vse": [{"seed": 0, "overrides": "abc"}]},
+    [1, 2],
+])
+def test_merge_refuses_a_file_that_is_not_a_results_file(tmp_path, held):
     out = tmp_path / "seeds.json"
-    out.write_text(json.dumps({"vse": [{"no_seed": 1}]}))
+    out.write_text(json.dumps(held))
     a0 = _fake_run(tmp_path / "a0", ["run.seed=0"])
     with pytest.raises(SystemExit, match="not a results file"):
         collect.main(["--out", str(out), "--merge", "--group", "vse", "vse_baseline_flickr8k", str(a0)])
-    assert json.loads(out.read_text()) == {"vse": [{"no_seed": 1}]}
+    assert json.loads(out.read_text()) == held
+
+
+def test_a_group_named_summary_is_refused(tmp_path):
+    out = tmp_path / "seeds.json"
+    a0 = _fake_run(tmp_path / "a0", ["run.seed=0"])
+    with pytest.raises(SystemExit, match="'summary' is where"):
+        collect.main(["--out", str(out), "--group", "summary", "vse_baseline_flickr8k", str(a0)])
+    assert not out.exists()

@@ -20,8 +20,9 @@ A per-group summary (mean and sample std of test and dev rsum) is printed and st
 ``--merge`` keeps what ``--out`` already holds: runs live outside the repository and do not outlive a session, so
 seeds finished in different sessions are added one invocation at a time. An existing entry is replaced by a new one of
 the same group, seed and overrides; every other existing entry (and group) stays, and the summaries are recomputed.
-Errors (exit 2): a run folder that does not exist or whose files are not the trainer's; ``--merge`` with an ``--out``
-that is not such a results file.
+Errors (exit 2, nothing written): a run folder that does not exist or whose files are not the trainer's; ``--merge``
+with an ``--out`` that is not such a results file (each entry needs an int ``seed`` and a list of str
+``overrides``); a group named ``summary``.
 """
 from __future__ import annotations
 
@@ -95,10 +96,14 @@ def _existing(path: Path) -> dict:
         data = json.loads(path.read_text())
         groups = {k: v for k, v in data.items() if k != "summary"}
         for name, entries in groups.items():
-            for e in entries:
-                _key(e)
+            for i, e in enumerate(entries):
+                seed, overrides = _key(e)
+                if not isinstance(seed, int) or isinstance(seed, bool) or \
+                        not all(isinstance(o, str) for o in overrides) or not isinstance(e["overrides"], list):
+                    raise ValueError(f"{name}[{i}]: expected an int seed and a list of str overrides, got "
+                                     f"seed={seed!r}, overrides={e['overrides']!r}")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise SystemExit(f"error: --merge: {path} is not a results file of this tool ({exc!r}); "
+        raise SystemExit(f"error: --merge: {path} is not a results file of this tool ({exc}); "
                          "nothing was written") from None
     return groups
 
@@ -111,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="keep the entries --out already holds (see above)")
     ap.add_argument("--commit", help="code commit of these runs, stored in each new entry")
     args = ap.parse_args(argv)
+    for name, *_ in args.group:
+        if name == "summary":
+            raise SystemExit("error: --group summary: 'summary' is where the per-group summaries go; "
+                             "name the group otherwise (nothing was written)")
     groups = _existing(Path(args.out)) if args.merge else {}
     for name, config, *runs in args.group:
         entries = {_key(e): e for e in groups.get(name, [])}
