@@ -97,11 +97,11 @@ def _existing(path: Path) -> dict:
         groups = {k: v for k, v in data.items() if k != "summary"}
         for name, entries in groups.items():
             for i, e in enumerate(entries):
-                seed, overrides = _key(e)
-                if not isinstance(seed, int) or isinstance(seed, bool) or \
-                        not all(isinstance(o, str) for o in overrides) or not isinstance(e["overrides"], list):
+                seed, overrides = e["seed"], e["overrides"]
+                if type(seed) is not int or not isinstance(overrides, list) or \
+                        not all(isinstance(o, str) for o in overrides):
                     raise ValueError(f"{name}[{i}]: expected an int seed and a list of str overrides, got "
-                                     f"seed={seed!r}, overrides={e['overrides']!r}")
+                                     f"seed={seed!r}, overrides={overrides!r}")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SystemExit(f"error: --merge: {path} is not a results file of this tool ({exc}); "
                          "nothing was written") from None
