@@ -19,6 +19,7 @@ from . import _ext
 from ._common import length_mask
 from ._dispatch import register
 from ._library import fused_op
+from ._schemas import XSIM_ARGS, xsim_backward_inputs, xsim_fwd_fake, xsim_grads, xsim_setup
 
 
 def _pack(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -39,13 +40,6 @@ def _xsim_fwd(regions, region_lens, words, word_lens, mode, slope, eps, temperat
     return a, b
 
 
-def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
-    bi, bt = regions.shape[0], words.shape[0]
-    if mode == "relevance":
-        return regions.new_empty((bt, bi)), regions.new_empty((bi, bt))
-    return regions.new_empty((bi, bt)), regions.new_empty((0,))
-
-
 def _xsim_bwd(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature):
     d_r, d_w = _ext.ops_namespace().cross_similarity_backward(
         grad_a.contiguous(), grad_b.contiguous(), _pack(regions, region_lens), region_lens, _pack(words, word_lens),
@@ -57,42 +51,25 @@ def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode,
     return regions.new_empty(regions.shape), words.new_empty(words.shape)
 
 
-_ARGS = ("Tensor regions, Tensor region_lens, Tensor words, Tensor word_lens, str mode, float slope, float eps, "
-         "float temperature")
 #: ``aahr::cross_similarity_cpp(regions (Bi, N, D), region_lens (Bi,), words (Bt, L, D), word_lens (Bt,), mode,
 #: slope, eps, temperature) -> (a, b)``: mode "relevance": t2i (Bt, Bi), i2t (Bi, Bt); "hard_mean" / "hard_lse":
 #: sim (Bi, Bt), empty (0,). Padded inputs; the operator packs the valid rows for the kernel.
-cross_similarity_op = fused_op("cross_similarity_cpp", f"({_ARGS}) -> (Tensor, Tensor)", _xsim_fwd, _xsim_fwd_fake,
+cross_similarity_op = fused_op("cross_similarity_cpp", f"({XSIM_ARGS}) -> (Tensor, Tensor)", _xsim_fwd, xsim_fwd_fake,
                                device_types="cpu")
 cross_similarity_backward_op = fused_op(
-    "cross_similarity_cpp_backward", f"(Tensor grad_a, Tensor grad_b, {_ARGS}) -> (Tensor, Tensor)",
+    "cross_similarity_cpp_backward", f"(Tensor grad_a, Tensor grad_b, {XSIM_ARGS}) -> (Tensor, Tensor)",
     _xsim_bwd, _xsim_bwd_fake, device_types="cpu")
 
 
-def _xsim_setup(ctx, inputs, output):
-    regions, region_lens, words, word_lens = inputs[:4]
-    ctx.save_for_backward(regions, region_lens, words, word_lens)
-    ctx.cfg = tuple(inputs[4:])
-    if ctx.cfg[0] != "relevance":
-        ctx.mark_non_differentiable(output[1])
-
-
 def _xsim_grad(ctx, grad_a, grad_b):
-    regions, region_lens, words, word_lens = ctx.saved_tensors
-    need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if not (need_r or need_w) or (grad_a is None and grad_b is None):
+    args = xsim_backward_inputs(ctx, grad_a, grad_b)
+    if args is None:
         return (None,) * 8
-    mode = ctx.cfg[0]
-    bi, bt = regions.shape[0], words.shape[0]
-    if grad_a is None:
-        grad_a = regions.new_zeros((bt, bi) if mode == "relevance" else (bi, bt))
-    if grad_b is None or mode != "relevance":
-        grad_b = regions.new_zeros((bi, bt) if mode == "relevance" else (0,))
-    d_r, d_w = cross_similarity_backward_op(grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg)
-    return (d_r if need_r else None), None, (d_w if need_w else None), None, None, None, None, None
+    needs, bwd_inputs = args
+    return xsim_grads(*cross_similarity_backward_op(*bwd_inputs), needs)
 
 
-cross_similarity_op.register_autograd(_xsim_grad, setup_context=_xsim_setup)
+cross_similarity_op.register_autograd(_xsim_grad, setup_context=xsim_setup)
 
 
 def _run(regions, region_lens, words, word_lens, mode, slope, eps, temperature):

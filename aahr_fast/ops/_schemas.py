@@ -4,20 +4,22 @@ Only the kernels differ between ``aahr::cross_similarity_triton`` and ``aahr::cr
 two swapped-prediction operators), so each backend module passes its forward / backward implementations and
 its way of defining an operator (``define(name, schema, impl, fake) -> CustomOpDef``: a triton_op for triton,
 ``fused_op(..., device_types="cuda")`` for cuda) and gets both operators back, autograd wired. The cpp
-backend has its own schemas (its backward takes no ``needs`` list) in ``_cpp_<family>.py``.
+backend has its own schemas (its backward takes no ``needs`` list) in ``_cpp_<family>.py``; its cross-similarity
+operator reuses this module's fake forward, ``setup_context`` and gradient helpers.
 
 Conventions of :mod:`aahr_fast.ops._library`: outputs never alias inputs; a gradient not listed in ``needs``
 is a zero-size placeholder, mapped to ``None`` by the autograd formula.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ._library import grad_or_none, placeholder
 
-__all__ = ["XSIM_ARGS", "define_cross_similarity", "define_swapped_prediction_loss"]
+__all__ = ["XSIM_ARGS", "define_cross_similarity", "define_swapped_prediction_loss", "xsim_backward_inputs",
+           "xsim_fwd_fake", "xsim_grads", "xsim_setup"]
 
 Define = Callable[[str, str, Callable, Callable], object]
 
@@ -25,7 +27,8 @@ XSIM_ARGS = ("Tensor regions, Tensor region_lens, Tensor words, Tensor word_lens
              "float temperature")
 
 
-def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
+def xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, temperature):
+    """Fake (meta) forward of every ``cross_similarity_<backend>`` operator: the output shapes of the mode."""
     bi, bt = regions.shape[0], words.shape[0]
     if mode == "relevance":
         return regions.new_empty((bt, bi)), regions.new_empty((bi, bt))
@@ -35,6 +38,42 @@ def _xsim_fwd_fake(regions, region_lens, words, word_lens, mode, slope, eps, tem
 def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope, eps, temperature, needs):
     return (regions.new_empty(regions.shape) if needs[0] else placeholder(regions),
             words.new_empty(words.shape) if needs[1] else placeholder(words))
+
+
+def xsim_setup(ctx, inputs, output) -> None:
+    """``setup_context`` of every ``cross_similarity_<backend>`` operator: saves the four tensors and the
+    (mode, slope, eps, temperature) settings; the second output is not differentiable outside mode "relevance"."""
+    regions, region_lens, words, word_lens = inputs[:4]
+    ctx.save_for_backward(regions, region_lens, words, word_lens)
+    ctx.cfg = tuple(inputs[4:])
+    if ctx.cfg[0] != "relevance":
+        ctx.mark_non_differentiable(output[1])
+
+
+def xsim_backward_inputs(ctx, grad_a, grad_b) -> Optional[tuple[list, tuple]]:
+    """The backward operator's inputs, shared by every backend's autograd formula.
+
+    Returns ``None`` when no gradient flows (neither regions nor words needs one, or both upstream gradients are
+    ``None``); else ``(needs [regions, words], (grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope,
+    eps, temperature))`` with a ``None`` upstream gradient replaced by zeros of its output's shape (grad_b is the
+    (0,) placeholder outside mode "relevance").
+    """
+    regions, region_lens, words, word_lens = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
+    if not any(needs) or (grad_a is None and grad_b is None):
+        return None
+    relevance = ctx.cfg[0] == "relevance"
+    bi, bt = regions.shape[0], words.shape[0]
+    if grad_a is None:
+        grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
+    if grad_b is None or not relevance:
+        grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
+    return needs, (grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg)
+
+
+def xsim_grads(d_regions, d_words, needs) -> tuple:
+    """The 8 input gradients of a ``cross_similarity_<backend>`` operator (``None`` for what was not requested)."""
+    return grad_or_none(d_regions, needs[0]), None, grad_or_none(d_words, needs[1]), None, None, None, None, None
 
 
 def define_cross_similarity(backend: str, fwd: Callable, bwd: Callable, define: Define) -> tuple:
@@ -54,33 +93,19 @@ def define_cross_similarity(backend: str, fwd: Callable, bwd: Callable, define: 
     Raises:
         whatever ``define`` raises for a bad schema (RuntimeError / ValueError from torch.library).
     """
-    op = define(f"cross_similarity_{backend}", f"({XSIM_ARGS}) -> (Tensor, Tensor)", fwd, _xsim_fwd_fake)
+    op = define(f"cross_similarity_{backend}", f"({XSIM_ARGS}) -> (Tensor, Tensor)", fwd, xsim_fwd_fake)
     backward_op = define(f"cross_similarity_{backend}_backward",
                          f"(Tensor grad_a, Tensor grad_b, {XSIM_ARGS}, bool[] needs) -> (Tensor, Tensor)",
                          bwd, _xsim_bwd_fake)
 
-    def setup(ctx, inputs, output):
-        regions, region_lens, words, word_lens = inputs[:4]
-        ctx.save_for_backward(regions, region_lens, words, word_lens)
-        ctx.cfg = tuple(inputs[4:])
-        if ctx.cfg[0] != "relevance":
-            ctx.mark_non_differentiable(output[1])
-
     def grad(ctx, grad_a, grad_b):
-        regions, region_lens, words, word_lens = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
-        if not any(needs) or (grad_a is None and grad_b is None):
+        args = xsim_backward_inputs(ctx, grad_a, grad_b)
+        if args is None:
             return (None,) * 8
-        relevance = ctx.cfg[0] == "relevance"
-        bi, bt = regions.shape[0], words.shape[0]
-        if grad_a is None:
-            grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
-        if grad_b is None or not relevance:
-            grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
-        d_r, d_w = backward_op(grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg, needs)
-        return grad_or_none(d_r, needs[0]), None, grad_or_none(d_w, needs[1]), None, None, None, None, None
+        needs, bwd_inputs = args
+        return xsim_grads(*backward_op(*bwd_inputs, needs), needs)
 
-    op.register_autograd(grad, setup_context=setup)
+    op.register_autograd(grad, setup_context=xsim_setup)
     return op, backward_op
 
 
