@@ -19,7 +19,7 @@ from . import _ext
 from ._common import length_mask
 from ._dispatch import register
 from ._library import fused_op
-from ._schemas import XSIM_ARGS, xsim_backward_inputs, xsim_fwd_fake, xsim_grads, xsim_setup
+from ._schemas import XSIM_ARGS, register_xsim_autograd, xsim_fwd_fake
 
 
 def _pack(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -61,15 +61,7 @@ cross_similarity_backward_op = fused_op(
     _xsim_bwd, _xsim_bwd_fake, device_types="cpu")
 
 
-def _xsim_grad(ctx, grad_a, grad_b):
-    args = xsim_backward_inputs(ctx, grad_a, grad_b)
-    if args is None:
-        return (None,) * 8
-    needs, bwd_inputs = args
-    return xsim_grads(*cross_similarity_backward_op(*bwd_inputs), needs)
-
-
-cross_similarity_op.register_autograd(_xsim_grad, setup_context=xsim_setup)
+register_xsim_autograd(cross_similarity_op, lambda needs, inputs: cross_similarity_backward_op(*inputs))
 
 
 def _run(regions, region_lens, words, word_lens, mode, slope, eps, temperature):

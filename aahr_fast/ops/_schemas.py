@@ -5,21 +5,21 @@ two swapped-prediction operators), so each backend module passes its forward / b
 its way of defining an operator (``define(name, schema, impl, fake) -> CustomOpDef``: a triton_op for triton,
 ``fused_op(..., device_types="cuda")`` for cuda) and gets both operators back, autograd wired. The cpp
 backend has its own schemas (its backward takes no ``needs`` list) in ``_cpp_<family>.py``; its cross-similarity
-operator reuses this module's fake forward, ``setup_context`` and gradient helpers.
+operator reuses this module's fake forward and autograd formula (:func:`register_xsim_autograd`).
 
 Conventions of :mod:`aahr_fast.ops._library`: outputs never alias inputs; a gradient not listed in ``needs``
 is a zero-size placeholder, mapped to ``None`` by the autograd formula.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ._library import grad_or_none, placeholder
 
-__all__ = ["XSIM_ARGS", "define_cross_similarity", "define_swapped_prediction_loss", "xsim_backward_inputs",
-           "xsim_fwd_fake", "xsim_grads", "xsim_setup"]
+__all__ = ["XSIM_ARGS", "define_cross_similarity", "define_swapped_prediction_loss", "register_xsim_autograd",
+           "xsim_fwd_fake"]
 
 Define = Callable[[str, str, Callable, Callable], object]
 
@@ -40,40 +40,40 @@ def _xsim_bwd_fake(grad_a, grad_b, regions, region_lens, words, word_lens, mode,
             words.new_empty(words.shape) if needs[1] else placeholder(words))
 
 
-def xsim_setup(ctx, inputs, output) -> None:
-    """``setup_context`` of every ``cross_similarity_<backend>`` operator: saves the four tensors and the
-    (mode, slope, eps, temperature) settings; the second output is not differentiable outside mode "relevance"."""
-    regions, region_lens, words, word_lens = inputs[:4]
-    ctx.save_for_backward(regions, region_lens, words, word_lens)
-    ctx.cfg = tuple(inputs[4:])
-    if ctx.cfg[0] != "relevance":
-        ctx.mark_non_differentiable(output[1])
+def register_xsim_autograd(op, backward: Callable) -> None:
+    """Register the autograd formula shared by every ``cross_similarity_<backend>`` operator on ``op``.
 
+    Saves the four tensors and the (mode, slope, eps, temperature) settings; outside mode "relevance" the second output
+    is not differentiable. In the backward, a ``None`` upstream gradient becomes zeros of its output's shape (grad_b is
+    the (0,) placeholder outside mode "relevance"), and no kernel runs when no gradient flows.
 
-def xsim_backward_inputs(ctx, grad_a, grad_b) -> Optional[tuple[list, tuple]]:
-    """The backward operator's inputs, shared by every backend's autograd formula.
-
-    Returns ``None`` when no gradient flows (neither regions nor words needs one, or both upstream gradients are
-    ``None``); else ``(needs [regions, words], (grad_a, grad_b, regions, region_lens, words, word_lens, mode, slope,
-    eps, temperature))`` with a ``None`` upstream gradient replaced by zeros of its output's shape (grad_b is the
-    (0,) placeholder outside mode "relevance").
+    Args:
+        op: the forward operator (a ``CustomOpDef``).
+        backward: ``backward(needs [regions, words], (grad_a, grad_b, regions, region_lens, words, word_lens, mode,
+            slope, eps, temperature)) -> (d regions, d words)``: how the backend calls its backward operator.
     """
-    regions, region_lens, words, word_lens = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
-    if not any(needs) or (grad_a is None and grad_b is None):
-        return None
-    relevance = ctx.cfg[0] == "relevance"
-    bi, bt = regions.shape[0], words.shape[0]
-    if grad_a is None:
-        grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
-    if grad_b is None or not relevance:
-        grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
-    return needs, (grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg)
+    def setup(ctx, inputs, output):
+        regions, region_lens, words, word_lens = inputs[:4]
+        ctx.save_for_backward(regions, region_lens, words, word_lens)
+        ctx.cfg = tuple(inputs[4:])
+        if ctx.cfg[0] != "relevance":
+            ctx.mark_non_differentiable(output[1])
 
+    def grad(ctx, grad_a, grad_b):
+        regions, region_lens, words, word_lens = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
+        if not any(needs) or (grad_a is None and grad_b is None):
+            return (None,) * 8
+        relevance = ctx.cfg[0] == "relevance"
+        bi, bt = regions.shape[0], words.shape[0]
+        if grad_a is None:
+            grad_a = regions.new_zeros((bt, bi) if relevance else (bi, bt))
+        if grad_b is None or not relevance:
+            grad_b = regions.new_zeros((bi, bt) if relevance else (0,))
+        d_r, d_w = backward(needs, (grad_a, grad_b, regions, region_lens, words, word_lens, *ctx.cfg))
+        return grad_or_none(d_r, needs[0]), None, grad_or_none(d_w, needs[1]), None, None, None, None, None
 
-def xsim_grads(d_regions, d_words, needs) -> tuple:
-    """The 8 input gradients of a ``cross_similarity_<backend>`` operator (``None`` for what was not requested)."""
-    return grad_or_none(d_regions, needs[0]), None, grad_or_none(d_words, needs[1]), None, None, None, None, None
+    op.register_autograd(grad, setup_context=setup)
 
 
 def define_cross_similarity(backend: str, fwd: Callable, bwd: Callable, define: Define) -> tuple:
@@ -98,14 +98,7 @@ def define_cross_similarity(backend: str, fwd: Callable, bwd: Callable, define: 
                          f"(Tensor grad_a, Tensor grad_b, {XSIM_ARGS}, bool[] needs) -> (Tensor, Tensor)",
                          bwd, _xsim_bwd_fake)
 
-    def grad(ctx, grad_a, grad_b):
-        args = xsim_backward_inputs(ctx, grad_a, grad_b)
-        if args is None:
-            return (None,) * 8
-        needs, bwd_inputs = args
-        return xsim_grads(*backward_op(*bwd_inputs, needs), needs)
-
-    op.register_autograd(grad, setup_context=xsim_setup)
+    register_xsim_autograd(op, lambda needs, inputs: backward_op(*inputs, needs))
     return op, backward_op
 
 
